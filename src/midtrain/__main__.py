@@ -1,0 +1,2 @@
+from midtrain.cli import main
+main()

@@ -1,0 +1,22 @@
+"""Recipe schema and loading (no torch)."""
+
+from midtrain.config.load import RecipeError, apply_overrides, dump_recipe, load_recipe
+from midtrain.config.recipe import (
+    BatchConfig,
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    OptimizerConfig,
+    Recipe,
+    ScheduleConfig,
+    Source,
+    Stage,
+    parse_tokens,
+    recipe_problems,
+)
+
+__all__ = [
+    "BatchConfig", "CheckpointConfig", "DataConfig", "EvalConfig", "OptimizerConfig", "Recipe", "RecipeError",
+    "ScheduleConfig", "Source", "Stage", "apply_overrides", "dump_recipe", "load_recipe", "parse_tokens",
+    "recipe_problems",
+]

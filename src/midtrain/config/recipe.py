@@ -1,0 +1,264 @@
+"""Recipe schema: pydantic models for everything a recipe YAML may say (docs/CONTRACTS.md §1).
+
+No torch here: a recipe must be checkable on a machine without the training stack.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SUFFIX = {"k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "b": 1e9, "B": 1e9, "t": 1e12, "T": 1e12}
+
+
+def parse_tokens(value: Any) -> int:
+    """Token counts as people write them: 2000000, 2e6, "2M", "500k", "1.5B"."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a token count, got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        text = value.strip().replace("_", "")
+        scale = 1.0
+        if text and text[-1] in _SUFFIX:
+            scale, text = _SUFFIX[text[-1]], text[:-1]
+        try:
+            number = float(text) * scale
+        except ValueError:
+            raise ValueError(f"expected a token count like 2000000, 2e6 or 2M, got {value!r}") from None
+    else:
+        raise ValueError(f"expected a token count, got {value!r}")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"expected a non-negative finite token count, got {value!r}")
+    if number != int(number):
+        raise ValueError(f"expected a whole number of tokens, got {value!r}")
+    if number > 1e18:
+        raise ValueError(f"token count {value!r} is implausibly large (> 1e18)")
+    return int(number)
+
+
+Tokens = Annotated[int, BeforeValidator(parse_tokens)]
+
+
+def check_name(value: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value) or value in {".", ".."}:
+        raise ValueError(
+            f"names may use letters, digits, '_', '.', '-' and must start with a letter or digit, got {value!r}"
+        )
+    return value
+
+
+Name = Annotated[str, BeforeValidator(check_name)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    name: Name
+    path: Path
+    text_field: str = "text"
+    domain: str | None = None
+    holdout_docs: int = Field(32, ge=0)
+
+    @property
+    def domain_name(self) -> str:
+        return self.domain or self.name
+
+
+class CheckpointConfig(_Strict):
+    every_tokens: Tokens | None = None
+    keep_last: int = Field(2, ge=1)
+
+
+class BatchConfig(_Strict):
+    tokens: Tokens = Field(gt=0)
+    micro: int | None = Field(None, gt=0)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {list(betas)}")
+        return betas
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["constant", "cosine", "linear", "wsd"]
+    peak_lr: float | None = Field(None, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_tokens: Tokens = 0
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    decay_shape: Literal["linear", "cosine", "1-sqrt", "exponential"] = "linear"
+    half_life: float = Field(0.1, gt=0, le=1)
+
+
+class DataConfig(_Strict):
+    mixture: dict[Name, float] = Field(default_factory=dict)
+
+    @field_validator("mixture")
+    @classmethod
+    def _weights_positive(cls, mixture: dict[str, float]) -> dict[str, float]:
+        for name, weight in mixture.items():
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"weight of {name!r} must be a non-negative number, got {weight!r}")
+        if mixture and sum(mixture.values()) <= 0:
+            raise ValueError("mixture weights sum to 0")
+        return mixture
+
+
+class EvalConfig(_Strict):
+    every_tokens: Tokens | None = None
+    tasks: list[str] = Field(default_factory=lambda: ["loss"])
+    max_docs: int = Field(32, ge=1)
+
+
+class Stage(_Strict):
+    name: Name
+    tokens: Tokens = Field(gt=0)
+    seq_len: int = Field(gt=0)
+    batch: BatchConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig
+    init: Literal["scratch", "weights", "weights+optimizer", "resume"] | None = None
+    start_lr: float | Literal["from_previous"] | None = None
+    data: DataConfig = DataConfig()
+    rope: dict[str, Any] | None = None
+    eval: EvalConfig = EvalConfig()
+    gate: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("start_lr")
+    @classmethod
+    def _start_lr_non_negative(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float) and value < 0:
+            raise ValueError(f"start_lr must be >= 0, got {value}")
+        return value
+
+    @property
+    def steps(self) -> int:
+        return -(-self.tokens // self.batch.tokens)
+
+    @property
+    def seqs_per_step(self) -> int:
+        return self.batch.tokens // self.seq_len
+
+
+class Recipe(_Strict):
+    base: str
+    tokenizer: str | None = None
+    run_dir: Path | None = None
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
+    distributed: Literal["none", "ddp", "fsdp2"] = "none"
+    compile: bool = False
+    sources: list[Source] = Field(default_factory=list)
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log_every_steps: int = Field(1, ge=1)
+    stages: list[Stage] = Field(min_length=1)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _no_fp16(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lower() in {"fp16", "fp16-mixed", "16", "half", "float16"}:
+            raise ValueError("fp16 is not supported (fp16 matmul is ~100x slower on CPU); use bf16-mixed or fp32")
+        return value
+
+    @property
+    def is_preset_base(self) -> bool:
+        return self.base.startswith("preset:")
+
+    def stage_init(self, index: int) -> str:
+        """The init policy of stage `index`, with defaults resolved."""
+        init = self.stages[index].init
+        if init is not None:
+            return init
+        return "scratch" if index == 0 and self.is_preset_base else "weights"
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+
+
+Problem = tuple[tuple[str | int, ...], str]
+
+
+def recipe_problems(recipe: Recipe) -> list[Problem]:
+    """Checks that span fields, each reported against the field a user would edit."""
+    problems: list[Problem] = []
+    for what, items in (("stages", recipe.stages), ("sources", recipe.sources)):
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item.name in seen:
+                problems.append(((what, i, "name"), f"duplicate name {item.name!r}"))
+            seen.add(item.name)
+    if not recipe.sources:
+        problems.append((("sources",), "at least one data source is required to train"))
+    known = {s.name for s in recipe.sources}
+    for i, stage in enumerate(recipe.stages):
+        at = ("stages", i)
+        if stage.batch.tokens % stage.seq_len:
+            problems.append(
+                ((*at, "batch", "tokens"), f"must be a multiple of seq_len ({stage.seq_len}), got {stage.batch.tokens}")
+            )
+        for name in stage.data.mixture:
+            if name not in known:
+                problems.append(
+                    ((*at, "data", "mixture", name), f"unknown source {name!r}; known: {sorted(known) or 'none'}")
+                )
+        if recipe.sources and not stage.data.mixture:
+            problems.append(((*at, "data", "mixture"), "must name at least one source with a weight"))
+        s = stage.schedule
+        if s.peak_lr is None and (stage.start_lr is None or s.warmup_tokens > 0):
+            problems.append(
+                ((*at, "schedule", "peak_lr"), "required (it may be omitted only with start_lr and no warm-up)")
+            )
+        if stage.start_lr is not None and s.peak_lr is not None and s.warmup_tokens == 0:
+            if s.peak_lr != stage.start_lr:
+                problems.append(
+                    (
+                        (*at, "start_lr"),
+                        f"{stage.start_lr} conflicts with schedule.peak_lr ({s.peak_lr}) when warmup_tokens is 0 "
+                        "(the stage starts at its peak): set warmup_tokens to re-warm, or drop peak_lr",
+                    )
+                )
+        if s.peak_lr is not None and s.kind != "constant" and s.min_lr > s.peak_lr:
+            problems.append(((*at, "schedule", "min_lr"), f"exceeds schedule.peak_lr ({s.peak_lr})"))
+        if s.kind != "constant" and s.warmup_tokens > 0 and s.warmup_tokens >= stage.tokens:
+            problems.append(
+                ((*at, "schedule", "warmup_tokens"), f"must be below the stage's tokens ({stage.tokens})")
+            )
+    first = recipe.stages[0]
+    if first.start_lr == "from_previous":
+        problems.append(
+            (
+                ("stages", 0, "start_lr"),
+                "from_previous needs a previous stage of this run (an HF base checkpoint carries no learning rate)",
+            )
+        )
+    if first.init in ("weights+optimizer", "resume"):
+        problems.append(
+            (
+                ("stages", 0, "init"),
+                f"{first.init} needs a previous stage of this run (a base checkpoint carries no optimizer state)",
+            )
+        )
+    if recipe.is_preset_base and first.init == "weights":
+        problems.append((("stages", 0, "init"), f"base {recipe.base!r} is a preset without weights: use scratch"))
+    return problems

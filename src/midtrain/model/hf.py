@@ -1,0 +1,197 @@
+"""Hugging Face model I/O: build from a config, load a local checkpoint, export atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from midtrain.model.presets import check_rope_support
+
+_WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
+
+
+def unwrap_model(model: torch.nn.Module) -> PreTrainedModel:
+    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, in any nesting order."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model  # type: ignore[return-value]
+
+
+def build_model(config: PretrainedConfig, seed: int, *, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """A freshly initialised fp32 model, identical for a given seed; the global RNG is left untouched."""
+    check_rope_support(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn_implementation, dtype=torch.float32
+        )
+    # A KV cache in training skips transformers' packed-sequence handling (REFERENCE §5).
+    model.config.use_cache = False
+    return model
+
+
+def _check_local_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} directory {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} path {str(path)!r} is not a directory")
+
+
+def load_model(
+    path: str | Path, *, allow_hub: bool = False, attn_implementation: str = "sdpa"
+) -> PreTrainedModel:
+    """Load a causal LM in fp32 from a local checkpoint dir (a hub id only with `allow_hub`)."""
+    local = Path(path)
+    if not (allow_hub and not local.exists()):
+        _check_local_dir(local, "model checkpoint")
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"model checkpoint {str(local)!r} has no config.json")
+        if not any(any(local.glob(p)) for p in _WEIGHT_PATTERNS):
+            raise FileNotFoundError(
+                f"model checkpoint {str(local)!r} has no weights ({' or '.join(_WEIGHT_PATTERNS)})"
+            )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        dtype=torch.float32,
+        attn_implementation=attn_implementation,
+        local_files_only=not allow_hub,
+    )
+    model.config.use_cache = False  # training default, as in build_model; generate() reads generation_config
+    return model
+
+
+def load_tokenizer(path: str | Path, *, allow_hub: bool = False) -> Any:
+    """Load a tokenizer from a local dir (a hub id only with `allow_hub`)."""
+    local = Path(path)
+    if not (allow_hub and not local.exists()):
+        _check_local_dir(local, "tokenizer")
+        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if not any((local / f).is_file() for f in files):
+            raise FileNotFoundError(f"tokenizer directory {str(local)!r} has none of {', '.join(files)}")
+    try:
+        if _declares_generic_fast_tokenizer(local):
+            # AutoTokenizer overrides a generic class with the model type's own for some types (qwen2 ->
+            # Qwen2Tokenizer, which rebuilds its own pipeline): a tokenizer we trained would silently change.
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=not allow_hub)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=not allow_hub)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"could not load a tokenizer from {str(path)!r}: {e}") from e
+
+
+def _declares_generic_fast_tokenizer(local: Path) -> bool:
+    cfg = local / "tokenizer_config.json"
+    if not (cfg.is_file() and (local / "tokenizer.json").is_file()):
+        return False
+    declared = json.loads(cfg.read_text()).get("tokenizer_class")
+    return declared in ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Unique parameter counts (tied weights once).
+
+    `embedding` is the input token embedding; `lm_head` the output projection (0 when tied). `non_embedding`
+    = total - embedding: it keeps an untied lm_head because that is a matmul (what 6·N·tokens MFU counts).
+    """
+    model = unwrap_model(model)
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() already yields a tied tensor once; the id set is belt and braces
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    head = 0 if out is None or out.weight is emb else out.weight.numel()
+    return {"total": total, "embedding": emb.numel(), "lm_head": head, "non_embedding": total - emb.numel()}
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_hf_checkpoint(
+    model: torch.nn.Module,
+    tokenizer: Any | None,
+    out_dir: str | Path,
+    *,
+    extra: dict | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Export a loadable HF checkpoint (fp32 safetensors, config, generation config, tokenizer) atomically.
+
+    Written into `out_dir.tmp-<pid>`, fsynced, then renamed over `out_dir`, so readers see the old export or the
+    new one, never a partial one. `state_dict` overrides the model's own (e.g. a gathered FSDP full state dict).
+    `extra` is written as `midtrain.json`. The model's config is left as it was. Call on one rank only.
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    inner = unwrap_model(model)
+    config = inner.config
+
+    if state_dict is None:
+        state_dict = inner.state_dict()
+    state_dict = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state_dict.items()}
+
+    shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed export by a process with our pid
+    tmp.mkdir(parents=True)
+    saved = {k: getattr(config, k, None) for k in ("use_cache", "dtype", "architectures")}
+    try:
+        config.use_cache = True  # users' generate() of the export should use the KV cache
+        inner.save_pretrained(tmp, state_dict=state_dict)
+    finally:
+        for k, v in saved.items():  # save_pretrained writes dtype/architectures into the live config
+            setattr(config, k, v)
+    _patch_json(tmp / "config.json", {"use_cache": True, "dtype": "float32"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        (tmp / "midtrain.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+    _fsync_tree(tmp)
+
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    _fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _patch_json(path: Path, values: dict[str, Any]) -> None:
+    data = json.loads(path.read_text())
+    if all(data.get(k) == v for k, v in values.items()):
+        return
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

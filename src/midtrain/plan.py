@@ -1,0 +1,143 @@
+"""Recipe -> plan: the concrete numbers a run follows (steps, global offsets, LR shape, fingerprints).
+
+The plan is a pure function of the recipe, so `midtrain recipe check` prints exactly what `midtrain run` will do,
+and the LR a stage inherits with `start_lr: from_previous` is known before anything trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from midtrain.config import Recipe, Stage
+from midtrain.schedule import LRSchedule
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    name: str
+    init: str
+    steps: int
+    tokens: int  # actually trained: steps * batch_tokens (>= the recipe's budget)
+    seq_len: int
+    batch_tokens: int
+    seqs_per_step: int
+    first_step: int  # global step count before this stage
+    first_tokens: int  # global tokens before this stage
+    schedule: LRSchedule
+    mixture: dict[str, float]  # normalised weights over tokens
+    fingerprint: str
+
+    def lr_at_step(self, stage_step: int) -> float:
+        """LR of the stage's `stage_step`-th optimizer step (0-based): a function of tokens seen before it."""
+        return self.schedule.lr(stage_step * self.batch_tokens)
+
+    @property
+    def last_lr(self) -> float:
+        return self.lr_at_step(self.steps - 1)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["schedule"] = asdict(self.schedule)
+        out["lr_boundaries"] = self.schedule.boundaries()
+        out["last_lr"] = self.last_lr
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: list[StagePlan]
+    warnings: list[str]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.tokens for s in self.stages)
+
+    def stage(self, name: str) -> StagePlan:
+        return next(s for s in self.stages if s.name == name)
+
+    def to_json(self) -> dict:
+        return {"stages": [s.to_json() for s in self.stages], "warnings": self.warnings}
+
+
+def _fingerprint(recipe: Recipe, stage: Stage, previous: str) -> str:
+    """Identifies what a stage computes: its own settings, what it starts from, and the data it reads."""
+    used = [s.model_dump(mode="json") for s in recipe.sources if s.name in stage.data.mixture]
+    payload = {
+        "base": recipe.base,
+        "tokenizer": recipe.tokenizer,
+        "seed": recipe.seed,
+        "precision": recipe.precision,
+        "stage": stage.model_dump(mode="json", exclude={"eval", "gate"}),
+        "sources": used,
+        "previous": previous,
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def build_plan(recipe: Recipe) -> Plan:
+    stages: list[StagePlan] = []
+    warnings: list[str] = []
+    step = tokens = 0
+    previous_fp = ""
+    for i, stage in enumerate(recipe.stages):
+        s = stage.schedule
+        start_lr: float | None
+        if stage.start_lr == "from_previous":
+            start_lr = stages[-1].last_lr
+            if start_lr == 0.0:
+                warnings.append(
+                    f"stage {stage.name!r}: start_lr from_previous is 0 (stage {stages[-1].name!r} decays to 0); "
+                    "without warm-up this stage trains at LR 0"
+                )
+        else:
+            start_lr = stage.start_lr
+        # Without warm-up a stage starts at its peak, so a start LR *is* the peak (recipe_problems rejects conflicts).
+        peak = start_lr if (s.warmup_tokens == 0 and start_lr is not None) else s.peak_lr
+        steps = stage.steps
+        schedule = LRSchedule(
+            kind=s.kind,
+            peak_lr=float(peak),
+            horizon_tokens=(steps - 1) * stage.batch.tokens,
+            start_lr=float(start_lr) if (start_lr is not None and s.warmup_tokens > 0) else 0.0,
+            min_lr=s.min_lr,
+            warmup_tokens=s.warmup_tokens,
+            decay_fraction=s.decay_fraction,
+            decay_shape=s.decay_shape,
+            half_life=s.half_life,
+        )
+        if stage.tokens % stage.batch.tokens:
+            warnings.append(
+                f"stage {stage.name!r}: tokens {stage.tokens} is not a multiple of batch.tokens "
+                f"{stage.batch.tokens}; training {steps * stage.batch.tokens} tokens ({steps} steps)"
+            )
+        total_weight = sum(stage.data.mixture.values())
+        mixture = {k: v / total_weight for k, v in stage.data.mixture.items() if v > 0}
+        previous_fp = _fingerprint(recipe, stage, previous_fp)
+        stages.append(
+            StagePlan(
+                index=i,
+                name=stage.name,
+                init=recipe.stage_init(i),
+                steps=steps,
+                tokens=steps * stage.batch.tokens,
+                seq_len=stage.seq_len,
+                batch_tokens=stage.batch.tokens,
+                seqs_per_step=stage.seqs_per_step,
+                first_step=step,
+                first_tokens=tokens,
+                schedule=schedule,
+                mixture=mixture,
+                fingerprint=previous_fp,
+            )
+        )
+        step += steps
+        tokens += steps * stage.batch.tokens
+    return Plan(stages=stages, warnings=warnings)

@@ -1,0 +1,232 @@
+"""Atomic, world-size-independent checkpoints (docs/CONTRACTS.md §5).
+
+A checkpoint is a directory `step-<N>` written as `step-<N>.tmp-<pid>`, fsynced and renamed; it counts as complete
+only once `manifest.json` (sizes + sha256 of every file) is in it. Model and optimizer state are stored unsharded and
+keyed by parameter name, so a checkpoint written by 2 ranks resumes on 1 and vice versa.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from midtrain.train.distributed import barrier
+
+MODEL_FILE, OPTIM_FILE, STATE_FILE, RNG_FILE, MANIFEST = (
+    "model.safetensors",
+    "optimizer.pt",
+    "trainer.json",
+    "rng.pt",
+    "manifest.json",
+)
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- state collection (all ranks)
+
+
+def _options(full: bool) -> StateDictOptions:
+    # Without a process group torch's full-state-dict path wants a device mesh; the plain module is full anyway.
+    return StateDictOptions(full_state_dict=True, cpu_offload=True) if full else StateDictOptions()
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = get_model_state_dict(model, options=_options(dist.is_initialized()))
+    # Own, contiguous fp32 copies: safetensors refuses shared storage (tied embeddings) and views.
+    return {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in state.items()}
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return get_optimizer_state_dict(model, optimizer, options=_options(dist.is_initialized()))
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    root: Path,
+    global_step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    trainer_state: dict,
+    *,
+    is_main: bool,
+    keep_last: int,
+    protect: tuple[int, ...] = (),
+) -> Path:
+    """Collective: every rank calls it (FSDP gathers shards); rank 0 writes. Returns the final directory."""
+    weights = model_state(model)
+    optim = optimizer_state(model, optimizer) if optimizer is not None else None
+    final = root / f"step-{global_step}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f"step-{global_step}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        if optim is not None:
+            torch.save(optim, tmp / OPTIM_FILE)
+        torch.save(rng_state(), tmp / RNG_FILE)
+        with open(tmp / STATE_FILE, "w") as fh:
+            json.dump(trainer_state, fh, indent=2)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
+        with open(tmp / MANIFEST, "w") as fh:
+            json.dump({"global_step": global_step, "files": files}, fh, indent=2)
+        fsync_tree(tmp)
+        if final.exists():  # a re-run that reached the same step: the new one replaces it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(root)
+        prune(root, keep_last, protect=(*protect, global_step))
+    barrier()
+    return final
+
+
+def prune(root: Path, keep_last: int, protect: tuple[int, ...] = ()) -> None:
+    """Keeps the newest `keep_last` complete checkpoints (plus protected steps); removes stale temp dirs."""
+    for tmp in root.glob("step-*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    steps = complete_steps(root)
+    for step in steps[:-keep_last] if keep_last > 0 else steps:
+        if step not in protect:
+            shutil.rmtree(root / f"step-{step}", ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- find / load
+
+
+def complete_steps(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    steps = []
+    for child in root.iterdir():
+        match = _STEP_RE.match(child.name)
+        if match and (child / MANIFEST).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    steps = complete_steps(root)
+    return root / f"step-{steps[-1]}" if steps else None
+
+
+def verify(path: Path) -> dict:
+    """Checks every file against the manifest; a mismatch is an error naming the file."""
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    for name, meta in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in the manifest but missing")
+        if file.stat().st_size != meta["bytes"] or sha256_file(file) != meta["sha256"]:
+            raise CheckpointError(f"{file}: checksum mismatch (corrupted checkpoint)")
+    return manifest
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Collective under FSDP: every rank reads the full file and keeps its shard."""
+    state = load_file(str(path / MODEL_FILE))
+    if dist.is_initialized():
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # Tied output embeddings appear under one name only; anything else missing is a real mismatch.
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise CheckpointError(f"{path / MODEL_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    file = path / OPTIM_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file}: this checkpoint holds no optimizer state")
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    set_optimizer_state_dict(model, optimizer, state, options=_options(dist.is_initialized()))
+
+
+def load_rng(path: Path) -> None:
+    set_rng_state(torch.load(path / RNG_FILE, weights_only=False))

@@ -1,0 +1,403 @@
+"""`midtrain run`: turn a recipe into trained, evaluated, exported stages — resuming whatever is already done.
+
+Per stage: start state (base, previous stage's export, optimizer state, loader cursors) -> before-eval -> train with
+periodic validation and checkpoints -> final checkpoint -> HF export -> after-eval. A stage is finished when its
+after-eval exists; a re-run skips finished stages and resumes the first unfinished one from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from midtrain.config import Recipe, dump_recipe
+from midtrain.context import apply_rope
+from midtrain.data import PackedLoader, TokenizedSource, byte_tokenizer, default_cache_dir, tokenize_source
+from midtrain.eval.heldout import heldout_metrics, pack_documents
+from midtrain.model import build_model, forward_packed, load_model, load_tokenizer, preset_config, save_hf_checkpoint
+from midtrain.plan import Plan, StagePlan, build_plan
+from midtrain.train import checkpoint as ckpt
+from midtrain.train.callbacks import Every, MetricsWriter, ProgressBar, TensorBoardLogger, truncate_metrics
+from midtrain.train.distributed import DistInfo, barrier, init_distributed, unwrap, wrap_model
+from midtrain.train.optim import build_optimizer
+from midtrain.train.precision import resolve_precision
+from midtrain.train.trainer import Trainer, TrainerState
+
+log = logging.getLogger("midtrain")
+PROBE_FILE = "midtrain_probe.safetensors"
+
+
+class RunError(Exception):
+    """A run cannot proceed (changed recipe over trained stages, missing previous state, ...)."""
+
+
+@dataclass
+class RunOptions:
+    force_recipe_change: bool = False
+    tensorboard: bool = False
+    console: object | None = None  # a rich Console for progress bars
+    progress: bool = True
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    plan: Plan
+    dist: DistInfo
+    run_dir: Path
+    tokenizer: object
+    sources: list[TokenizedSource]
+    domains: list[str]
+    options: RunOptions
+    precision: str  # resolved: fp32 or bf16-mixed
+    metrics: MetricsWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.dist.is_main, self.recipe.log_every_steps)
+
+    def stage_dir(self, stage: StagePlan) -> Path:
+        return self.run_dir / "stages" / stage.name
+
+    def export_dir(self, stage: StagePlan) -> Path:
+        return self.stage_dir(stage) / "hf"
+
+    def ckpt_root(self, stage: StagePlan) -> Path:
+        return self.run_dir / "checkpoints" / stage.name
+
+    def eval_path(self, stage: StagePlan, when: str) -> Path:
+        return self.run_dir / "eval" / (f"{stage.name}-before.json" if when == "before" else f"{stage.name}.json")
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def resolve_tokenizer(recipe: Recipe):
+    if recipe.tokenizer == "bytes":
+        return byte_tokenizer()
+    if recipe.tokenizer:
+        return load_tokenizer(recipe.tokenizer)
+    if recipe.base.startswith("preset:"):
+        raise RunError("a preset base has no tokenizer: set `tokenizer:` (a local dir, or `bytes`)")
+    return load_tokenizer(_base_path(recipe), allow_hub=recipe.base.startswith("hub:"))
+
+
+def _base_path(recipe: Recipe) -> str:
+    return recipe.base.removeprefix("hub:")
+
+
+def _prepare_run_dir(recipe: Recipe, plan: Plan, run_dir: Path, options: RunOptions, is_main: bool) -> None:
+    """Records the recipe; refuses to continue trained stages under a changed recipe unless told to."""
+    if not is_main:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stage in plan.stages:
+        recorded = _recorded_fingerprint(run_dir, stage)
+        if recorded and recorded != stage.fingerprint and not options.force_recipe_change:
+            raise RunError(
+                f"{run_dir}: stage {stage.name!r} was trained with a different recipe (fingerprint {recorded}, "
+                f"now {stage.fingerprint}); use a new run_dir, or --force-recipe-change to continue anyway"
+            )
+    text = dump_recipe(recipe)
+    recipe_file = run_dir / "recipe.yaml"
+    if recipe_file.exists() and recipe_file.read_text() != text:
+        k = 1
+        while (run_dir / f"recipe.prev-{k}.yaml").exists():
+            k += 1
+        shutil.copy2(recipe_file, run_dir / f"recipe.prev-{k}.yaml")
+    _write_text_atomic(recipe_file, text)
+    _write_text_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=2))
+
+
+def _recorded_fingerprint(run_dir: Path, stage: StagePlan) -> str | None:
+    info = run_dir / "stages" / stage.name / "hf" / "midtrain.json"
+    if info.is_file():
+        return json.loads(info.read_text()).get("fingerprint")
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints" / stage.name)
+    return ckpt.read_trainer_state(latest).get("fingerprint") if latest else None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _tokenize_all(recipe: Recipe, tokenizer, dist: DistInfo) -> list[TokenizedSource]:
+    """Rank 0 fills the shared cache first; the other ranks then read it (no duplicate work, no races)."""
+    cache = default_cache_dir()
+
+    def tokenize_every_source() -> list[TokenizedSource]:
+        return [
+            tokenize_source(s.name, s.path, s.text_field, tokenizer, holdout_docs=s.holdout_docs, cache_dir=cache)
+            for s in recipe.sources
+        ]
+
+    sources = tokenize_every_source() if dist.is_main else None
+    barrier()
+    return sources if sources is not None else tokenize_every_source()
+
+
+# --------------------------------------------------------------------------- model / state for a stage
+
+
+def _initial_model(ctx: RunContext, stage: StagePlan):
+    """The stage's starting weights: base, previous export, or a fresh init; then the stage's RoPE setting."""
+    recipe, seed = ctx.recipe, ctx.recipe.seed + stage.index
+    if stage.index == 0 or stage.init == "scratch":
+        if recipe.base.startswith("preset:"):
+            config = preset_config(
+                recipe.base.removeprefix("preset:"),
+                vocab_size=len(ctx.tokenizer),
+                bos_token_id=ctx.tokenizer.bos_token_id,
+                eos_token_id=ctx.tokenizer.eos_token_id,
+                pad_token_id=ctx.tokenizer.pad_token_id,
+            )
+            model = build_model(config, seed=seed)
+        elif stage.init == "scratch":
+            model = build_model(load_model(_base_path(recipe), allow_hub=recipe.base.startswith("hub:")).config, seed)
+        else:
+            model = load_model(_base_path(recipe), allow_hub=recipe.base.startswith("hub:"))
+    else:
+        previous = ctx.export_dir(ctx.plan.stages[stage.index - 1])
+        model = load_model(previous)
+    if model.get_input_embeddings().num_embeddings < len(ctx.tokenizer):
+        raise RunError(
+            f"tokenizer has {len(ctx.tokenizer)} tokens but the model's embedding has "
+            f"{model.get_input_embeddings().num_embeddings}"
+        )
+    apply_rope(model, recipe.stages[stage.index].rope)
+    model.config.use_cache = False
+    return model
+
+
+def _previous_final(ctx: RunContext, stage: StagePlan) -> Path:
+    prev = ctx.plan.stages[stage.index - 1]
+    path = ctx.ckpt_root(prev) / f"step-{prev.first_step + prev.steps}"
+    if not (path / ckpt.MANIFEST).is_file():
+        raise RunError(f"stage {stage.name!r} (init: {stage.init}) needs {path}, which is missing or incomplete")
+    return path
+
+
+def _make_loader(ctx: RunContext, stage: StagePlan) -> tuple[PackedLoader, list[int]]:
+    names = [s.name for s in ctx.recipe.sources]
+    used = [names.index(n) for n in stage.mixture]
+    loader = PackedLoader(
+        [ctx.sources[i] for i in used],
+        [stage.mixture[names[i]] for i in used],
+        seq_len=stage.seq_len,
+        global_batch_seqs=stage.seqs_per_step,
+        seed=ctx.recipe.seed,
+        rank=ctx.dist.rank,
+        world_size=ctx.dist.world_size,
+        micro_batch=ctx.recipe.stages[stage.index].batch.micro,
+    )
+    return loader, used
+
+
+class _GlobalSourceIds:
+    """Maps the loader's per-stage source indices to the recipe's source list (what metrics are keyed by)."""
+
+    def __init__(self, loader: PackedLoader, used: list[int]):
+        self.loader = loader
+        self.lookup = torch.tensor([*used, -1])  # index -1 (padding) maps to -1
+
+    def next_step(self):
+        steps = self.loader.next_step()
+        for mb in steps:
+            mb["source_ids"] = self.lookup[mb["source_ids"]]
+        return steps
+
+
+# --------------------------------------------------------------------------- evaluation and export
+
+
+def _heldout_batches(ctx: RunContext, stage: StagePlan) -> list[dict]:
+    max_docs = ctx.recipe.stages[stage.index].eval.max_docs
+    docs = [(d, i) for i, s in enumerate(ctx.sources) for d in s.holdout_docs()[:max_docs]]
+    return pack_documents(docs, stage.seq_len) if docs else []
+
+
+def _evaluate(ctx: RunContext, stage: StagePlan, model, batches, when: str, state: TrainerState, source: str) -> None:
+    metrics = heldout_metrics(
+        model, forward_packed, batches, ctx.domains, device=ctx.dist.device, precision=ctx.precision
+    )
+    if ctx.dist.is_main:
+        out = {
+            "stage": stage.name,
+            "when": when,
+            "step": state.global_step,
+            "tokens": state.global_tokens,
+            "checkpoint": source,
+            "metrics": metrics,
+            "details": {},
+        }
+        path = ctx.eval_path(stage, when)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(path, json.dumps(out, indent=2))
+
+
+def _export(ctx: RunContext, stage: StagePlan, model, state: TrainerState) -> None:
+    """Collective: gathers full weights (FSDP), rank 0 writes the HF checkpoint plus a probe for round-trip checks."""
+    weights = ckpt.model_state(model)
+    if not ctx.dist.is_main:
+        barrier()
+        return
+    from safetensors.torch import save_file
+
+    plain = build_model(unwrap(model).config, seed=0)
+    plain.load_state_dict(weights, strict=False)
+    plain.eval()
+    probe_ids = torch.arange(min(64, stage.seq_len)).remainder(len(ctx.tokenizer)).unsqueeze(0)
+    with torch.no_grad():
+        probe_logits = plain(input_ids=probe_ids, use_cache=False).logits.float()
+    extra = {
+        "stage": stage.name,
+        "global_step": state.global_step,
+        "tokens": state.global_tokens,
+        "last_lr": state.last_lr,
+        "fingerprint": stage.fingerprint,
+    }
+    out = save_hf_checkpoint(plain, ctx.tokenizer, ctx.export_dir(stage), extra=extra)
+    save_file({"input_ids": probe_ids, "logits": probe_logits}, str(out / PROBE_FILE))
+    barrier()
+
+
+# --------------------------------------------------------------------------- the stage loop
+
+
+def run_stage(ctx: RunContext, stage: StagePlan) -> TrainerState:
+    recipe, dist, stage_cfg = ctx.recipe, ctx.dist, ctx.recipe.stages[stage.index]
+    latest = ckpt.latest_checkpoint(ctx.ckpt_root(stage))
+    model = _initial_model(ctx, stage)
+    loader, used = _make_loader(ctx, stage)
+    state = TrainerState(stage_step=0, global_step=stage.first_step, global_tokens=stage.first_tokens)
+    optimizer_from: Path | None = None
+    heldout = _heldout_batches(ctx, stage)
+
+    if latest is not None:  # resume inside this stage
+        ckpt.verify(latest)
+        saved = ckpt.read_trainer_state(latest)
+        ckpt.load_weights(latest, model)
+        loader.load_state_dict(saved["loader"])
+        state = TrainerState(**saved["trainer"])
+        optimizer_from = latest
+        ckpt.load_rng(latest)
+        if dist.is_main:
+            dropped = truncate_metrics(ctx.run_dir / "metrics.jsonl", state.global_step)
+            ctx.metrics.write({"event": "resume", "step": state.global_step, "tokens": state.global_tokens,
+                               "stage": stage.name, "checkpoint": str(latest), "superseded_rows": dropped})
+        print_main(ctx, f"resumed stage {stage.name!r} from step {state.global_step} ({latest})")
+    else:
+        if dist.is_main:
+            truncate_metrics(ctx.run_dir / "metrics.jsonl", stage.first_step)
+        torch.manual_seed(recipe.seed + stage.index)
+        if stage.index > 0:
+            previous = _previous_final(ctx, stage)
+            cursors = ckpt.read_trainer_state(previous)["loader_cursors"]
+            loader.load_source_cursors({k: v for k, v in cursors.items() if k in {s.name for s in recipe.sources}})
+            if stage.init in ("weights+optimizer", "resume"):
+                optimizer_from = previous
+            if stage.init == "resume":
+                ckpt.load_rng(previous)
+        source = str(ctx.export_dir(ctx.plan.stages[stage.index - 1])) if stage.index else recipe.base
+        _evaluate(ctx, stage, model.to(dist.device), heldout, "before", state, source)
+        ctx.metrics.write({"event": "stage_start", "step": state.global_step, "tokens": state.global_tokens,
+                           "stage": stage.name, "init": stage.init, "lr": stage.lr_at_step(0)})
+
+    model = wrap_model(model.to(dist.device), recipe.distributed, dist)
+    optimizer = build_optimizer(model, stage_cfg.optimizer, lr=stage.lr_at_step(state.stage_step))
+    if optimizer_from is not None:
+        ckpt.load_optimizer(optimizer_from, model, optimizer)
+    if recipe.compile:
+        model = torch.compile(model)
+
+    def save(trainer: Trainer) -> None:
+        st = trainer.state
+        trainer_json = {
+            "trainer": vars(st).copy(),
+            "loader": loader.state_dict(),
+            "loader_cursors": loader.source_cursors(),
+            "fingerprint": stage.fingerprint,
+            "stage": stage.name,
+        }
+        final_step = stage.first_step + stage.steps
+        ckpt.save_checkpoint(ctx.ckpt_root(stage), st.global_step, model, optimizer, trainer_json,
+                             is_main=dist.is_main, keep_last=recipe.checkpoint.keep_last, protect=(final_step,))
+
+    def validate(trainer: Trainer) -> None:
+        metrics = heldout_metrics(model, forward_packed, heldout, ctx.domains, device=dist.device,
+                                  precision=ctx.precision)
+        st = trainer.state
+        row = {"event": "val", "step": st.global_step, "tokens": st.global_tokens, "stage": stage.name,
+               "stage_step": st.stage_step, "stage_tokens": st.stage_step * stage.batch_tokens}
+        row.update({("val_" + k): v for k, v in metrics.items() if k.startswith("loss")})
+        ctx.metrics.write(row)
+
+    callbacks = [ctx.metrics, Every(stage_cfg.eval.every_tokens, validate),
+                 Every(recipe.checkpoint.every_tokens, save, at_end=True)]
+    if ctx.options.progress:
+        callbacks.append(ProgressBar(dist.is_main, ctx.options.console))
+    if ctx.options.tensorboard:
+        callbacks.append(TensorBoardLogger(ctx.run_dir / "tensorboard", dist.is_main))
+    trainer = Trainer(
+        model=model, optimizer=optimizer, loader=_GlobalSourceIds(loader, used), stage=stage,
+        forward=forward_packed, dist=dist, domains=ctx.domains, precision=ctx.precision,
+        grad_clip=stage_cfg.optimizer.grad_clip, callbacks=callbacks, state=state,
+    )
+    state = trainer.fit()  # a no-op when resuming from the stage's final checkpoint (killed while exporting)
+    _export(ctx, stage, model, state)
+    _evaluate(ctx, stage, model, heldout, "after", state, str(ctx.export_dir(stage)))
+    ctx.metrics.write({"event": "stage_end", "step": state.global_step, "tokens": state.global_tokens,
+                       "stage": stage.name, "lr": state.last_lr})
+    return state
+
+
+def print_main(ctx: RunContext, message: str) -> None:
+    if ctx.dist.is_main:
+        if ctx.options.console is not None:
+            ctx.options.console.print(message)
+        else:
+            print(message, flush=True)
+
+
+def stage_finished(ctx: RunContext, stage: StagePlan) -> bool:
+    return ctx.eval_path(stage, "after").is_file() and (ctx.export_dir(stage) / "midtrain.json").is_file()
+
+
+def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
+    options = options or RunOptions()
+    transformers.utils.logging.disable_progress_bar()  # our own progress bars say what happens
+    dist = init_distributed(recipe.distributed)
+    plan = build_plan(recipe)
+    run_dir = Path(recipe.run_dir)
+    _prepare_run_dir(recipe, plan, run_dir, options, dist.is_main)
+    barrier()
+    tokenizer = resolve_tokenizer(recipe)
+    sources = _tokenize_all(recipe, tokenizer, dist)
+    precision = resolve_precision(recipe.precision, dist.device)
+    ctx = RunContext(recipe, plan, dist, run_dir, tokenizer, sources,
+                     [s.domain_name for s in recipe.sources], options, precision)
+    print_main(ctx, f"precision: {precision} (recipe: {recipe.precision}; device: {dist.device})")
+    for warning in plan.warnings:
+        print_main(ctx, f"warning: {warning}")
+    for stage in plan.stages:
+        if stage_finished(ctx, stage):
+            print_main(ctx, f"stage {stage.name!r} already finished; skipping")
+            continue
+        micro = recipe.stages[stage.index].batch.micro
+        per_rank, rest = divmod(stage.seqs_per_step, dist.world_size)
+        if rest or (micro and per_rank % micro):
+            raise RunError(
+                f"stage {stage.name!r}: {stage.seqs_per_step} sequences per step (batch.tokens / seq_len) must split "
+                f"evenly over {dist.world_size} ranks" + (f" into micro-batches of {micro}" if micro else "")
+            )
+        run_stage(ctx, stage)
+        barrier()
+    return ctx

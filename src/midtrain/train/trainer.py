@@ -1,0 +1,163 @@
+"""The stage loop: accumulate, clip, step, account tokens, call back. Knows nothing of RoPE methods or data sources.
+
+The model is called through `forward` (a callable taking a batch dict, returning logits), the data through
+`next_step()` (the micro-batches of one optimizer step for this rank), the LR through the stage plan (a pure
+function of tokens), and everything else — metrics, progress, validation, checkpoints — through callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from midtrain.plan import StagePlan
+from midtrain.train.distributed import DistInfo, all_reduce_sum
+from midtrain.train.loss import label_count, token_loss_sums
+from midtrain.train.optim import set_lr
+
+Batch = dict[str, torch.Tensor]
+
+
+class StepSource(Protocol):
+    def next_step(self) -> list[Batch]: ...
+
+
+class Callback:
+    """Hooks the trainer calls on every rank; most callbacks act on the main rank only."""
+
+    def on_stage_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, row: dict) -> None: ...
+
+    def on_stage_end(self, trainer: Trainer) -> None: ...
+
+
+@dataclass
+class TrainerState:
+    """Counters that, with the loader state, locate a run exactly."""
+
+    stage_step: int = 0  # optimizer steps done in this stage
+    global_step: int = 0  # optimizer steps done in the run
+    global_tokens: int = 0
+    last_lr: float | None = None
+
+
+@dataclass
+class Trainer:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: StepSource
+    stage: StagePlan
+    forward: Callable[[nn.Module, Batch], torch.Tensor]
+    dist: DistInfo
+    domains: Sequence[str]  # domain name of each source id
+    precision: str = "bf16-mixed"
+    grad_clip: float | None = 1.0
+    callbacks: list[Callback] = field(default_factory=list)
+    state: TrainerState = field(default_factory=TrainerState)
+    should_stop: bool = False  # callbacks may set it (e.g. a NaN guard)
+
+    @property
+    def autocast(self) -> contextlib.AbstractContextManager:
+        enabled = self.precision == "bf16-mixed"
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def fit(self) -> TrainerState:
+        for cb in self.callbacks:
+            cb.on_stage_start(self)
+        while self.state.stage_step < self.stage.steps and not self.should_stop:
+            row = self.train_step()
+            for cb in self.callbacks:
+                cb.on_step_end(self, row)
+        for cb in self.callbacks:
+            cb.on_stage_end(self)
+        return self.state
+
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        lr = self.stage.lr_at_step(self.state.stage_step)
+        set_lr(self.optimizer, lr)
+        micro_batches = [{k: v.to(self.dist.device) for k, v in mb.items()} for mb in self.loader.next_step()]
+
+        # Normalise by the *global* label count so any split into ranks and micro-batches gives the same gradient.
+        count = torch.tensor([sum(label_count(mb["labels"]) for mb in micro_batches)], dtype=torch.float64)
+        global_count = max(float(all_reduce_sum(count).item()), 1.0)
+        n_sources = len(self.domains)
+        sums = torch.zeros(1 + 2 * n_sources, dtype=torch.float64)
+        for i, mb in enumerate(micro_batches):
+            with self._sync_context(last=i == len(micro_batches) - 1):
+                with self.autocast:
+                    logits = self.forward(self.model, mb)
+                loss_sum, per_source, counts = token_loss_sums(logits, mb["labels"], mb["source_ids"], n_sources)
+                # Data-parallel wrappers average gradients over ranks; scaling by world size turns that into a sum.
+                (loss_sum * (self.dist.world_size / global_count)).backward()
+            sums += torch.cat([loss_sum.detach().reshape(1), per_source, counts]).double().cpu()
+            del logits
+
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        all_reduce_sum(sums)
+        tokens = self.stage.batch_tokens
+        self.state.stage_step += 1
+        self.state.global_step += 1
+        self.state.global_tokens += tokens
+        self.state.last_lr = lr
+        elapsed = time.perf_counter() - start
+        row = {
+            "event": "train",
+            "step": self.state.global_step,
+            "tokens": self.state.global_tokens,
+            "stage": self.stage.name,
+            "stage_step": self.state.stage_step,
+            "stage_tokens": self.state.stage_step * tokens,
+            "loss": float(sums[0] / global_count),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else math.inf,
+        }
+        per_domain: dict[str, list[float]] = {}
+        for src, domain in enumerate(self.domains):
+            loss_sum, n = float(sums[1 + src]), float(sums[1 + n_sources + src])
+            if n > 0:
+                acc = per_domain.setdefault(domain, [0.0, 0.0])
+                acc[0] += loss_sum
+                acc[1] += n
+        for domain, (loss_sum, n) in sorted(per_domain.items()):
+            row[f"loss.{domain}"] = loss_sum / n
+        return row
+
+    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
+        """Skips the gradient all-reduce on all but the last micro-batch of a step."""
+        if last:
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):  # DDP
+            return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            return _fsdp_no_sync(self.model)
+        return contextlib.nullcontext()
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

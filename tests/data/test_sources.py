@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from midtrain.data import DataError, SkipReport, iter_documents, list_files
+
+
+def test_bad_jsonl_lines_are_counted_with_file_and_line(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    lines = [
+        json.dumps({"text": "good one"}).encode(),  # 1
+        b"{not json",  # 2
+        b'{"text": "caf\xe9"}',  # 3: latin-1 byte, not UTF-8
+        json.dumps({"body": "no text field"}).encode(),  # 4
+        json.dumps({"text": 42}).encode(),  # 5
+        json.dumps({"text": "   "}).encode(),  # 6
+        b"",  # 7: blank line, not a record
+        json.dumps(["a", "list"]).encode(),  # 8
+        json.dumps({"text": "good two \u00e9\U0001f600"}).encode(),  # 9
+    ]
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    skips = SkipReport()
+    docs = list(iter_documents(f, skips=skips))
+    assert [d.text for d in docs] == ["good one", "good two \u00e9\U0001f600"]
+    assert [d.location for d in docs] == [f"{f}:1", f"{f}:9"]
+    assert skips.counts == {"invalid_json": 1, "non_utf8": 1, "missing_field": 1, "not_string": 1, "empty": 1,
+                            "not_object": 1}
+    assert skips.total == 6
+    assert skips.examples[:2] == [f"{f}:2: invalid_json", f"{f}:3: non_utf8"]
+    assert len(skips.examples) == 5  # only the first few are kept
+    assert SkipReport.from_dict(json.loads(json.dumps(skips.to_dict()))).counts == skips.counts
+
+
+def test_custom_text_field(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"content": "x", "text": "y"}) + "\n")
+    assert [d.text for d in iter_documents(f, text_field="content")] == ["x"]
+
+
+def test_directory_is_recursive_sorted_and_mixes_formats(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "z.jsonl").write_text(json.dumps({"text": "b/z"}) + "\n")
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "gz1"}) + "\n" + json.dumps({"text": "gz2"}) + "\n")
+    (tmp_path / "c.txt").write_text("a whole\n\nfile is one document\n")
+    (tmp_path / "notes.md").write_text("ignored")
+    (tmp_path / ".hidden.jsonl").write_text(json.dumps({"text": "ignored"}) + "\n")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.jsonl").write_text(json.dumps({"text": "ignored"}) + "\n")
+    docs = list(iter_documents(tmp_path))
+    assert [d.text for d in docs] == ["gz1", "gz2", "b/z", "a whole\n\nfile is one document\n"]
+    assert docs[1].location == f"{tmp_path / 'a.jsonl.gz'}:2"
+    assert docs[3].location == f"{tmp_path / 'c.txt'}:1"
+    assert [p.name for p in list_files(tmp_path)] == ["a.jsonl.gz", "z.jsonl", "c.txt"]
+
+
+def test_missing_path_and_empty_directory_are_errors_naming_the_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match=str(missing)):
+        iter_documents(missing)  # eager: fails at call time, not at first next()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("x")
+    with pytest.raises(DataError, match="no .jsonl"):
+        iter_documents(tmp_path / "empty")
+    bad = tmp_path / "data.csv"
+    bad.write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        iter_documents(bad)
+
+
+def test_corrupt_gzip_names_file_and_line(tmp_path):
+    f = tmp_path / "broken.jsonl.gz"
+    data = gzip.compress(("\n".join(json.dumps({"text": f"doc {i} " * 50}) for i in range(200)) + "\n").encode())
+    f.write_bytes(data[: len(data) // 2])  # truncated download
+    it = iter_documents(f)
+    with pytest.raises(DataError, match=rf"{f}:\d+: cannot read file"):
+        list(it)
+
+
+def test_non_utf8_and_empty_txt_files_are_skipped(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfe bad")
+    (tmp_path / "b.txt").write_text("")
+    (tmp_path / "c.txt").write_text("ok")
+    skips = SkipReport()
+    assert [d.text for d in iter_documents(tmp_path, skips=skips)] == ["ok"]
+    assert skips.counts == {"non_utf8": 1, "empty": 1}
