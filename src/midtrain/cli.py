@@ -16,8 +16,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mid-training
 recipe_app = typer.Typer(no_args_is_help=True, help="Check and inspect recipes.")
 app.add_typer(recipe_app, name="recipe")
 
-console = Console()
-err = Console(stderr=True)
+# Logs and CI are not terminals: give tables room instead of rich's 80-column fallback.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 EXIT_RECIPE = 2  # the recipe (or its overrides) is invalid
 EXIT_RUN = 1  # the run could not proceed (data, checkpoints, environment)

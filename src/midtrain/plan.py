@@ -113,11 +113,6 @@ def build_plan(recipe: Recipe) -> Plan:
             decay_shape=s.decay_shape,
             half_life=s.half_life,
         )
-        if stage.tokens % stage.batch.tokens:
-            warnings.append(
-                f"stage {stage.name!r}: tokens {stage.tokens} is not a multiple of batch.tokens "
-                f"{stage.batch.tokens}; training {steps * stage.batch.tokens} tokens ({steps} steps)"
-            )
         total_weight = sum(stage.data.mixture.values())
         mixture = {k: v / total_weight for k, v in stage.data.mixture.items() if v > 0}
         previous_fp = _fingerprint(recipe, stage, previous_fp)

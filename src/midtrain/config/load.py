@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from midtrain.config.recipe import Recipe, recipe_problems
+from midtrain.config.recipe import NAME_RE, Recipe, recipe_problems
 
 Loc = tuple[str | int, ...]
 
@@ -132,7 +132,7 @@ def _display_path(loc: Loc, data: Any) -> str:
         if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
             item = node[part]
             name = item.get("name") if isinstance(item, dict) else None
-            parts.append(name if isinstance(name, str) and name else str(part))
+            parts.append(name if isinstance(name, str) and NAME_RE.match(name) else str(part))
             node = item
         else:
             parts.append(str(part))
@@ -215,7 +215,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_p
     """Reads, overrides, validates and resolves a recipe. Raises RecipeError listing every problem found."""
     file = Path(path)
     data, lines = _read_yaml(file)
-    overridden = apply_overrides(data, list(overrides or []))
+    try:
+        overridden = apply_overrides(data, list(overrides or []))
+    except RecipeError as exc:
+        raise RecipeError([f"{file}: {problem}" for problem in exc.problems]) from None
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
