@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ..test_contracts import documented_metric_key
 from .tiny import midtrain, train_rows, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -64,8 +65,11 @@ def test_losses_fall_and_eval_files_follow_the_schema(finished_run):
     warm_before = json.loads((run_dir / "eval/warm-before.json").read_text())["metrics"]
     assert after["metrics"]["loss"] < warm_before["loss"]
     assert after["metrics"]["loss.math"] < before["metrics"]["loss.math"]  # annealed on math
-    val = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["event"] == "val"]
     assert val and all("val_loss.general" in r for r in val)
+    undocumented = {k for r in rows if r["event"] in ("train", "val") for k in r if not documented_metric_key(k)}
+    assert not undocumented, f"metrics keys missing from docs/CONTRACTS.md §3: {undocumented}"
 
 
 def test_exports_reload_in_a_fresh_process_with_the_trainers_logits(finished_run):
