@@ -49,13 +49,15 @@ def escape(text: str) -> str:
     return rich_escape(text)
 
 
-def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False):
+def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False, wandb: bool = False):
     from midtrain.data import DataError
     from midtrain.train import checkpoint
     from midtrain.train.run import RunError, RunOptions, run
 
     try:
-        return run(recipe, RunOptions(force_recipe_change=force_recipe_change, tensorboard=tensorboard, console=console))
+        options = RunOptions(force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
+                             console=console)
+        return run(recipe, options)
     except (RunError, DataError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as exc:
         _fail(escape(str(exc)), EXIT_RUN)
 
@@ -68,10 +70,11 @@ def run(
         bool, typer.Option(help="Continue trained stages although the recipe changed.")
     ] = False,
     tensorboard: Annotated[bool, typer.Option(help="Also log to TensorBoard (needs the tensorboard extra).")] = False,
+    wandb: Annotated[bool, typer.Option(help="Also log to Weights & Biases, offline (needs wandb).")] = False,
 ) -> None:
     """Run a recipe, or resume it from its run directory's newest checkpoint."""
     loaded = _load(recipe, set_)
-    ctx = _run(loaded, force_recipe_change=force_recipe_change, tensorboard=tensorboard)
+    ctx = _run(loaded, force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb)
     if ctx.dist.is_main:
         _print_summary(ctx.run_dir, [s.name for s in ctx.plan.stages])
 

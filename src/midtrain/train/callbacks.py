@@ -75,17 +75,28 @@ class Every(Callback):
 
 
 class ProgressBar(Callback):
-    """A rich progress bar per stage with loss, LR, tokens/s and ETA (main rank, interactive or not)."""
+    """A rich progress bar per stage with loss, LR, tokens/s and ETA (main rank).
 
-    def __init__(self, is_main: bool, console=None):
-        self.is_main, self.console = is_main, console
+    When output is not a terminal (CI, `| tee`), a live bar would print nothing until the end: print a plain line
+    every ~10% of the stage (and at least every `log_seconds`) instead.
+    """
+
+    def __init__(self, is_main: bool, console=None, log_seconds: float = 30.0):
+        self.is_main, self.console, self.log_seconds = is_main, console, log_seconds
         self.progress = None
+        self.plain = False
 
     def on_stage_start(self, trainer: Trainer) -> None:
         if not self.is_main:
             return
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        self.console = self.console or Console()
+        self.start_time, self.start_step, self.last_print = time.time(), trainer.state.stage_step, 0.0
+        self.plain = not self.console.is_terminal
+        if self.plain:
+            return
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -102,15 +113,27 @@ class ProgressBar(Callback):
         )
 
     def on_step_end(self, trainer: Trainer, row: dict) -> None:
-        if self.progress is None:
+        if not self.is_main:
             return
-        loss = row["loss"]
-        self.progress.update(
-            self.task,
-            completed=trainer.state.stage_step,
-            loss=f"{loss:.4f}" if math.isfinite(loss) else str(loss),
-            lr=f"{row['lr']:.2e}",
-            tps=f"{row['tokens_per_s']:,.0f}",
+        loss = f"{row['loss']:.4f}" if math.isfinite(row["loss"]) else str(row["loss"])
+        if self.progress is not None:
+            self.progress.update(self.task, completed=trainer.state.stage_step, loss=loss,
+                                 lr=f"{row['lr']:.2e}", tps=f"{row['tokens_per_s']:,.0f}")
+            return
+        if not self.plain:
+            return
+        done, total = trainer.state.stage_step, trainer.stage.steps
+        now = time.time()
+        tenth = max(1, total // 10)
+        if done % tenth and done != total and now - self.last_print < self.log_seconds:
+            return
+        self.last_print = now
+        rate = (now - self.start_time) / max(1, done - self.start_step)
+        eta = rate * (total - done)
+        self.console.print(
+            f"{trainer.stage.name} {done}/{total}  loss {loss}  lr {row['lr']:.2e}  "
+            f"{row['tokens_per_s']:,.0f} tok/s  eta {eta:,.0f}s",
+            highlight=False,
         )
 
     def on_stage_end(self, trainer: Trainer) -> None:

@@ -24,7 +24,14 @@ from midtrain.eval.heldout import heldout_metrics, pack_documents
 from midtrain.model import build_model, forward_packed, load_model, load_tokenizer, preset_config, save_hf_checkpoint
 from midtrain.plan import Plan, StagePlan, build_plan
 from midtrain.train import checkpoint as ckpt
-from midtrain.train.callbacks import Every, MetricsWriter, ProgressBar, TensorBoardLogger, truncate_metrics
+from midtrain.train.callbacks import (
+    Every,
+    MetricsWriter,
+    ProgressBar,
+    TensorBoardLogger,
+    WandbLogger,
+    truncate_metrics,
+)
 from midtrain.train.distributed import DistInfo, barrier, init_distributed, unwrap, wrap_model
 from midtrain.train.optim import build_optimizer
 from midtrain.train.precision import resolve_precision
@@ -42,6 +49,7 @@ class RunError(Exception):
 class RunOptions:
     force_recipe_change: bool = False
     tensorboard: bool = False
+    wandb: bool = False  # offline W&B (`wandb sync` later); needs the wandb package
     console: object | None = None  # a rich Console for progress bars
     progress: bool = True
 
@@ -346,6 +354,8 @@ def run_stage(ctx: RunContext, stage: StagePlan) -> TrainerState:
         callbacks.append(ProgressBar(dist.is_main, ctx.options.console))
     if ctx.options.tensorboard:
         callbacks.append(TensorBoardLogger(ctx.run_dir / "tensorboard", dist.is_main))
+    if ctx.options.wandb:
+        callbacks.append(WandbLogger(ctx.run_dir, dist.is_main, name=f"{ctx.run_dir.name}-{stage.name}"))
     trainer = Trainer(
         model=model, optimizer=optimizer, loader=_GlobalSourceIds(loader, used), stage=stage,
         forward=forward_packed, dist=dist, domains=ctx.domains, precision=ctx.precision,
@@ -371,8 +381,17 @@ def stage_finished(ctx: RunContext, stage: StagePlan) -> bool:
     return ctx.eval_path(stage, "after").is_file() and (ctx.export_dir(stage) / "midtrain.json").is_file()
 
 
+def _check_optional_loggers(options: RunOptions) -> None:
+    import importlib.util
+
+    for wanted, module, extra in ((options.tensorboard, "tensorboard", "tensorboard"), (options.wandb, "wandb", "wandb")):
+        if wanted and importlib.util.find_spec(module) is None:
+            raise RunError(f"--{extra} needs the {module} package: pip install {module}")
+
+
 def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
     options = options or RunOptions()
+    _check_optional_loggers(options)
     transformers.utils.logging.disable_progress_bar()  # our own progress bars say what happens
     dist = init_distributed(recipe.distributed)
     plan = build_plan(recipe)
