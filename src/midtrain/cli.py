@@ -24,7 +24,8 @@ EXIT_RECIPE = 2  # the recipe (or its overrides) is invalid
 EXIT_RUN = 1  # the run could not proceed (data, checkpoints, environment)
 
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a recipe key: a.b=c (stages by name).", show_default=False)
+    Optional[list[str]],
+    typer.Option("--set", help="Override a recipe key: a.b=c (stages by name).", show_default=False),
 ]
 
 
@@ -114,7 +115,7 @@ def recipe_check(
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option(help="Smaller budgets (~1 minute): a smoke test, not held to results.")] = False,
+    quick: Annotated[bool, typer.Option(help="Smaller budgets (<1 min): a smoke test, not held to results.")] = False,
     out: Annotated[Path, typer.Option(help="Directory for the corpus and the run.")] = Path("runs/demo"),
 ) -> None:
     """Offline two-stage mid-training demo on a tiny model (corpus built from Python's own docs and stdlib)."""

@@ -86,5 +86,9 @@ def prepare(out: Path, quick: bool) -> tuple[Path, list[str]]:
     recipe.write_text(RECIPE_FILE.read_text())
     overrides = [f"run_dir={out / 'run'}"]
     if quick:
-        overrides += ["stages.pretrain.tokens=98304", "stages.anneal.tokens=32768", "stages.anneal.eval.every_tokens=16384"]
+        overrides += [
+            "stages.pretrain.tokens=98304",
+            "stages.anneal.tokens=32768",
+            "stages.anneal.eval.every_tokens=16384",
+        ]
     return recipe, overrides

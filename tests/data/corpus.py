@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import pydoc_data.topics
 import random
 from pathlib import Path
 
 import numpy as np
-import pydoc_data.topics
 import torch
 
 

@@ -67,7 +67,8 @@ def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError([f"{where}: invalid YAML: {problem}"]) from None
     if not isinstance(data, dict):
-        raise RecipeError([f"{path}:1: the recipe must be a mapping of keys (base, stages, ...), got {type(data).__name__}"])
+        got = type(data).__name__
+        raise RecipeError([f"{path}:1: the recipe must be a mapping of keys (base, stages, ...), got {got}"])
     return data, lines
 
 

@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from midtrain.data.errors import DataError
 from midtrain.data.sources import SkipReport, iter_documents, list_files
 from midtrain.data.tokenizer import tokenizer_fingerprint
+from midtrain.io import sha256_file
 
 FORMAT_VERSION = 1
 CHUNK_CHARS = 4 << 20  # texts per encode call: big enough to keep the Rust threads busy, small enough for RAM
@@ -40,14 +41,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MIDTRAIN_CACHE", Path.home() / ".cache" / "midtrain"))
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def source_fingerprint(path: Path, text_field: str, tokenizer: PreTrainedTokenizerBase, holdout_docs: int) -> str:
     """Everything that determines the cache contents; the source's name is not part of it (renaming is free)."""
     path = Path(path)
@@ -56,7 +49,7 @@ def source_fingerprint(path: Path, text_field: str, tokenizer: PreTrainedTokeniz
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT_VERSION, text_field, tokenizer_fingerprint(tokenizer), holdout_docs]).encode())
     for f in files:
-        h.update(json.dumps([f.relative_to(base).as_posix(), _sha256_file(f)]).encode())
+        h.update(json.dumps([f.relative_to(base).as_posix(), sha256_file(f)]).encode())
     return h.hexdigest()
 
 

@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from midtrain.io import fsync_dir, fsync_tree
 from midtrain.model.presets import check_rope_support
 
 _WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
@@ -121,25 +122,6 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "embedding": emb.numel(), "lm_head": head, "non_embedding": total - emb.numel()}
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_hf_checkpoint(
     model: torch.nn.Module,
     tokenizer: Any | None,
@@ -178,13 +160,13 @@ def save_hf_checkpoint(
         tokenizer.save_pretrained(tmp)
     if extra is not None:
         (tmp / "midtrain.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
 
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     tmp.rename(out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
     return out
 

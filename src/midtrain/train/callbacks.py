@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from midtrain.io import write_text_atomic
 from midtrain.train.trainer import Callback, Trainer
 
 
@@ -49,9 +49,7 @@ def truncate_metrics(path: Path, after_step: int) -> int:
             dropped += 1
         else:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
     return dropped
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from midtrain.config import Recipe, dump_recipe
 from midtrain.context import apply_rope
 from midtrain.data import PackedLoader, TokenizedSource, byte_tokenizer, default_cache_dir, tokenize_source
 from midtrain.eval.heldout import heldout_metrics, pack_documents
+from midtrain.io import write_text_atomic
 from midtrain.model import build_model, forward_packed, load_model, load_tokenizer, preset_config, save_hf_checkpoint
 from midtrain.plan import Plan, StagePlan, build_plan
 from midtrain.train import checkpoint as ckpt
@@ -119,8 +119,8 @@ def _prepare_run_dir(recipe: Recipe, plan: Plan, run_dir: Path, options: RunOpti
         while (run_dir / f"recipe.prev-{k}.yaml").exists():
             k += 1
         shutil.copy2(recipe_file, run_dir / f"recipe.prev-{k}.yaml")
-    _write_text_atomic(recipe_file, text)
-    _write_text_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=2))
+    write_text_atomic(recipe_file, text)
+    write_text_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=2))
 
 
 def _recorded_fingerprint(run_dir: Path, stage: StagePlan) -> str | None:
@@ -129,12 +129,6 @@ def _recorded_fingerprint(run_dir: Path, stage: StagePlan) -> str | None:
         return json.loads(info.read_text()).get("fingerprint")
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints" / stage.name)
     return ckpt.read_trainer_state(latest).get("fingerprint") if latest else None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _tokenize_all(recipe: Recipe, tokenizer, dist: DistInfo) -> list[TokenizedSource]:
@@ -248,7 +242,7 @@ def _evaluate(ctx: RunContext, stage: StagePlan, model, batches, when: str, stat
         }
         path = ctx.eval_path(stage, when)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(path, json.dumps(out, indent=2))
+        write_text_atomic(path, json.dumps(out, indent=2))
 
 
 def _export(ctx: RunContext, stage: StagePlan, model, state: TrainerState) -> None:
@@ -384,9 +378,9 @@ def stage_finished(ctx: RunContext, stage: StagePlan) -> bool:
 def _check_optional_loggers(options: RunOptions) -> None:
     import importlib.util
 
-    for wanted, module, extra in ((options.tensorboard, "tensorboard", "tensorboard"), (options.wandb, "wandb", "wandb")):
+    for wanted, module in ((options.tensorboard, "tensorboard"), (options.wandb, "wandb")):
         if wanted and importlib.util.find_spec(module) is None:
-            raise RunError(f"--{extra} needs the {module} package: pip install {module}")
+            raise RunError(f"--{module} needs the {module} package: pip install {module}")
 
 
 def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
