@@ -116,7 +116,8 @@ class Workspace:
             env.pop(key, None)
         return env
 
-    def run(self, run_dir: Path, mode: str = "none", *sets: str, nproc: int | None = None) -> subprocess.CompletedProcess:
+    def run(self, run_dir: Path, mode: str = "none", *sets: str, nproc: int | None = None
+            ) -> subprocess.CompletedProcess:
         """`midtrain run` with 1 process (mode none) or `torchrun --nproc-per-node 2` (ddp / fsdp2).
 
         Under torchrun each rank's output is also written to run_dir.parent/<run_dir.name>-logs/<id>/attempt_0/<rank>/.
@@ -177,7 +178,8 @@ def _assert_rows_close(ref: list[dict], got: list[dict], what: str) -> None:
         for key in loss_keys:
             assert _rel(a[key], b[key]) <= LOSS_RTOL, f"{where}: {key} {b[key]!r} != {a[key]!r}"
         if a["event"] == "train":
-            assert _rel(a["grad_norm"], b["grad_norm"]) <= GRAD_RTOL, f"{where}: grad_norm {b['grad_norm']} != {a['grad_norm']}"
+            assert _rel(a["grad_norm"], b["grad_norm"]) <= GRAD_RTOL, (
+                f"{where}: grad_norm {b['grad_norm']} != {a['grad_norm']}")
             assert _rel(a["lr"], b["lr"]) <= 1e-12, f"{where}: lr {b['lr']} != {a['lr']}"
             assert (a["tokens"], a["stage_step"]) == (b["tokens"], b["stage_step"]), where
 
@@ -325,18 +327,6 @@ def test_batch_not_divisible_by_world_size_is_a_clear_error(ws: Workspace, tmp_p
     assert not (run_dir / "checkpoints").exists() and not _rows(run_dir, "train")
 
 
-def test_torchrun_without_a_distributed_mode_is_a_clear_error(ws: Workspace, tmp_path: Path):
-    run_dir = tmp_path / "run"
-    proc = ws.run(run_dir, "none", nproc=2)
-    _assert_clean_failure(ws, run_dir, proc, "WORLD_SIZE=2", "distributed: none")
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (src/midtrain/train/run.py, run()): the world-size split is checked per stage inside the stage loop, "
-    "so a later stage that does not split is reported only after the earlier stages have trained; "
-    "docs/CONTRACTS.md says divisibility is checked at launch",
-)
 def test_later_stage_batch_split_is_checked_at_launch(ws: Workspace, tmp_path: Path):
     run_dir = tmp_path / "run"
     # s1 cut to one step: the test is about when s2's batch is checked, not about training s1.

@@ -7,14 +7,12 @@ keyed by parameter name, so a checkpoint written by 2 ranks resumes on 1 and vic
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from midtrain.io import fsync_dir, fsync_tree, sha256_file
 from midtrain.train.distributed import barrier
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE, RNG_FILE, MANIFEST = (
@@ -43,42 +42,6 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(Exception):
     pass
-
-
-# --------------------------------------------------------------------------- file helpers
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-    fsync_dir(path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- state collection (all ranks)

@@ -104,14 +104,3 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo, *, fsdp_bf16_params:
         fully_shard(model, **kwargs)
         return model
     raise ValueError(f"unknown distributed mode {mode!r}")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The HF model inside DDP / torch.compile wrappers (FSDP2 wraps in place)."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model

@@ -21,7 +21,15 @@ from midtrain.context import apply_rope
 from midtrain.data import PackedLoader, TokenizedSource, byte_tokenizer, default_cache_dir, tokenize_source
 from midtrain.eval.heldout import heldout_metrics, pack_documents
 from midtrain.io import write_text_atomic
-from midtrain.model import build_model, forward_packed, load_model, load_tokenizer, preset_config, save_hf_checkpoint
+from midtrain.model import (
+    build_model,
+    forward_packed,
+    load_model,
+    load_tokenizer,
+    preset_config,
+    save_hf_checkpoint,
+    unwrap_model,
+)
 from midtrain.plan import Plan, StagePlan, build_plan
 from midtrain.train import checkpoint as ckpt
 from midtrain.train.callbacks import (
@@ -32,7 +40,7 @@ from midtrain.train.callbacks import (
     WandbLogger,
     truncate_metrics,
 )
-from midtrain.train.distributed import DistInfo, barrier, init_distributed, unwrap, wrap_model
+from midtrain.train.distributed import DistInfo, barrier, init_distributed, wrap_model
 from midtrain.train.optim import build_optimizer
 from midtrain.train.precision import resolve_precision
 from midtrain.train.trainer import Trainer, TrainerState
@@ -253,7 +261,7 @@ def _export(ctx: RunContext, stage: StagePlan, model, state: TrainerState) -> No
         return
     from safetensors.torch import save_file
 
-    plain = build_model(unwrap(model).config, seed=0)
+    plain = build_model(unwrap_model(model).config, seed=0)
     plain.load_state_dict(weights, strict=False)
     plain.eval()
     probe_ids = torch.arange(min(64, stage.seq_len)).remainder(len(ctx.tokenizer)).unsqueeze(0)
@@ -375,6 +383,17 @@ def stage_finished(ctx: RunContext, stage: StagePlan) -> bool:
     return ctx.eval_path(stage, "after").is_file() and (ctx.export_dir(stage) / "midtrain.json").is_file()
 
 
+def _check_batch_splits(recipe: Recipe, plan: Plan, world_size: int) -> None:
+    for stage in plan.stages:
+        micro = recipe.stages[stage.index].batch.micro
+        per_rank, rest = divmod(stage.seqs_per_step, world_size)
+        if rest or (micro and per_rank % micro):
+            raise RunError(
+                f"stage {stage.name!r}: {stage.seqs_per_step} sequences per step (batch.tokens / seq_len) must split "
+                f"evenly over {world_size} ranks" + (f" into micro-batches of {micro}" if micro else "")
+            )
+
+
 def _check_optional_loggers(options: RunOptions) -> None:
     import importlib.util
 
@@ -400,17 +419,11 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
     print_main(ctx, f"precision: {precision} (recipe: {recipe.precision}; device: {dist.device})")
     for warning in plan.warnings:
         print_main(ctx, f"warning: {warning}")
+    _check_batch_splits(recipe, plan, dist.world_size)  # at launch: not after hours of an earlier stage
     for stage in plan.stages:
         if stage_finished(ctx, stage):
             print_main(ctx, f"stage {stage.name!r} already finished; skipping")
             continue
-        micro = recipe.stages[stage.index].batch.micro
-        per_rank, rest = divmod(stage.seqs_per_step, dist.world_size)
-        if rest or (micro and per_rank % micro):
-            raise RunError(
-                f"stage {stage.name!r}: {stage.seqs_per_step} sequences per step (batch.tokens / seq_len) must split "
-                f"evenly over {dist.world_size} ranks" + (f" into micro-batches of {micro}" if micro else "")
-            )
         run_stage(ctx, stage)
         barrier()
     return ctx
