@@ -119,3 +119,19 @@ def test_zero_start_lr_from_previous_is_warned(tmp_path):
     recipe.write_text(text)
     result = midtrain("recipe", "check", str(recipe), cache=tmp_path / "cache")
     assert "start_lr from_previous is 0" in result.stdout
+
+
+def test_a_local_hf_checkpoint_as_base_behaves_like_the_run_that_made_it(finished_run, tmp_path):
+    """base: <dir> + the base's own tokenizer: the new run's before-eval equals the source run's after-eval."""
+    run_dir, _ = finished_run
+    recipe = write_recipe(tmp_path)
+    text = recipe.read_text().replace("base: preset:tiny-llama\ntokenizer: bytes\n",
+                                      f"base: {run_dir / 'stages/anneal/hf'}\n")
+    text = text.replace("    init: scratch\n", "")  # default for a checkpoint base: init: weights
+    recipe.write_text(text)
+    midtrain("run", str(recipe), "--set", f"run_dir={tmp_path / 'out'}", "--set", "stages.warm.tokens=512",
+             "--set", "stages.anneal.tokens=512", cache=tmp_path / "cache")
+    source = json.loads((run_dir / "eval/anneal.json").read_text())["metrics"]
+    before = json.loads((tmp_path / "out/eval/warm-before.json").read_text())
+    assert before["checkpoint"].endswith("stages/anneal/hf")
+    assert before["metrics"] == pytest.approx(source, rel=1e-6)
