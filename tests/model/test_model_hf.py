@@ -1,9 +1,6 @@
 """HF I/O: seeded init, export/reload bit-exactness in a fresh process, atomic export, clear load errors."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -11,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from midtrain.model import build_model, load_model, load_tokenizer, preset_config, save_hf_checkpoint
+from tests.reload import reload_in_fresh_process
 
 VOCAB = 96
 WORDS = "the cat sat on a mat and then it ran far away".split()
@@ -44,21 +42,6 @@ CASES = {
     "phi3-partial": (lambda: AutoConfig.for_model("phi3", partial_rotary_factor=0.5, **_SMALL), True),
 }
 
-RELOAD_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    from transformers import AutoModelForCausalLM
-    dirs, ids_path, threads = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    torch.set_num_threads(threads)
-    ids = torch.load(ids_path)
-    out = {}
-    for name, d in dirs.items():
-        model = AutoModelForCausalLM.from_pretrained(d).eval()
-        with torch.no_grad():
-            torch.save(model(input_ids=ids).logits, d + "/reloaded_logits.pt")
-        out[name] = {"rope_parameters": model.config.rope_parameters, "dtype": str(model.dtype),
-                     "use_cache": model.config.use_cache}
-    print(json.dumps(out))
-""")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +49,6 @@ def exported(tmp_path_factory):
     """Export every case, then reload them all in ONE fresh interpreter (the slow part)."""
     root = tmp_path_factory.mktemp("export")
     ids = torch.randint(4, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, root / "ids.pt")
     tokenizer = make_tokenizer()
     results, dirs = {}, {}
     for name, (make_config, _) in CASES.items():
@@ -76,15 +58,10 @@ def exported(tmp_path_factory):
         out = save_hf_checkpoint(model, tokenizer, root / name, extra={"stage": name, "step": 7})
         results[name] = {"model": model, "logits": logits, "dir": out}
         dirs[name] = str(out)
-    proc = subprocess.run(
-        [sys.executable, "-c", RELOAD_SCRIPT, json.dumps(dirs), str(root / "ids.pt"), str(torch.get_num_threads())],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reloaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    reloaded = reload_in_fresh_process(dirs, ids, root)
     for name in CASES:
         results[name]["reloaded"] = reloaded[name]
-        results[name]["reloaded_logits"] = torch.load(results[name]["dir"] / "reloaded_logits.pt")
+        results[name]["reloaded_logits"] = reloaded[name]["logits"]
     return ids, results
 
 
