@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run only these benchmarks (repeatable or comma-separated): {', '.join(REGISTRY)}")
     parser.add_argument("--quick", action="store_true", help="smaller models and fewer settings (a smoke run)")
     parser.add_argument("--repeats", type=int, default=None, help="measured steps per configuration")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2, or MIDTRAIN_BENCH_THREADS)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help=f"where JSON goes (default {RESULTS_DIR})")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)

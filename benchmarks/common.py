@@ -115,48 +115,70 @@ def peak_rss_mb() -> float:
 
 @dataclass
 class Timing:
-    times: list[float] = field(default_factory=list)  # measured steps, seconds
+    times: list[float] = field(default_factory=list)  # measured steps, wall seconds
+    cpu_times: list[float] = field(default_factory=list)  # the same steps, this process's CPU seconds (all threads)
     warmup: list[float] = field(default_factory=list)
-    peak_rss_mb: float | None = None  # max over measured steps of the process's peak RSS during the step
-    step_rss_mb: float | None = None  # max over measured steps of (peak during step - RSS when the step began)
+    peak_rss_mb: float | None = None  # process peak RSS during the first (warm-up) step, heap trimmed before it
+    step_rss_mb: float | None = None  # that peak minus RSS when the step began: the step's own working memory
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
+
+    @property
+    def cpu_median(self) -> float:
+        """Median CPU seconds per step: less sensitive to other processes taking the cores than wall time."""
+        return statistics.median(self.cpu_times) if self.cpu_times else float("nan")
 
     def spread(self) -> float:
         """(max - min) / median of the measured steps: how noisy this configuration was."""
         return (max(self.times) - min(self.times)) / self.median if self.times else float("nan")
 
 
+def trim_heap() -> None:
+    """Hand glibc's cached free memory back to the OS, so RSS at a step's start is what is really in use."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def interleaved(
     steps: dict[str, Callable[[], Any]], *, warmup: int, repeats: int, log: Callable[[str], None] | None = None
 ) -> dict[str, Timing]:
-    """Time every callable `warmup + repeats` times, alternating A, B, C, then C, B, A, ...; medians do the rest."""
+    """Time every callable `warmup + repeats` times, alternating A, B, C, then C, B, A, ...; medians do the rest.
+
+    Memory is measured on the (untimed) first warm-up step of each callable: the heap is trimmed first so one
+    configuration's cached allocations do not hide the next one's. Timed steps run on an untouched allocator, as a
+    real training loop would.
+    """
     names = list(steps)
     out = {n: Timing() for n in names}
     can_reset = reset_peak_rss()
     for r in range(warmup + repeats):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
-            base = rss_mb()
-            if can_reset:
+            measure_mem = can_reset and r == 0
+            if measure_mem:
+                trim_heap()
+                base = rss_mb()
                 reset_peak_rss()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             steps[name]()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             t = out[name]
+            if measure_mem:
+                t.peak_rss_mb = peak_rss_mb()
+                t.step_rss_mb = t.peak_rss_mb - base if base is not None else None
             if r < warmup:
                 t.warmup.append(dt)
                 continue
             t.times.append(dt)
-            if can_reset:
-                peak = peak_rss_mb()
-                t.peak_rss_mb = max(t.peak_rss_mb or 0.0, peak)
-                if base is not None:
-                    t.step_rss_mb = max(t.step_rss_mb or 0.0, peak - base)
+            t.cpu_times.append(dc)
             if log:
-                log(f"  {name}: {dt:.3f} s")
+                log(f"  {name}: {dt:.3f} s (cpu {dc:.3f} s)")
     if not can_reset:  # whole-process peak only: attribute it to nobody in particular
         peak = peak_rss_mb()
         for t in out.values():

@@ -158,6 +158,7 @@ def _row(preset, seq_len, batch_tokens, loop, precision, role, timing: Timing) -
         "role": role,
         "steps": len(timing.times),
         "step_s": timing.median,
+        "cpu_s": timing.cpu_median,
         "tokens_per_s": batch_tokens / timing.median,
         "spread": timing.spread(),
         "peak_rss_mb": timing.peak_rss_mb,
@@ -188,8 +189,8 @@ def bench_trainer(quick: bool = False, repeats: int | None = None, log: Callable
     bf16_native = native_bf16(cpu)
     presets = ["tiny-llama"] if quick else ["small-llama"]
     seq_lens = [256] if quick else [256, 1024]
-    batch_tokens = 8192
-    warmup, n = 1, repeats or 3
+    batch_tokens = 4096 if quick else 8192
+    warmup, n = 1, repeats or (3 if quick else 5)
     # Emulated bf16 is far too slow for full batches in a short suite: one row, seq 256 only, two steps.
     bf16_tokens, bf16_seq_lens, bf16_n = (
         (batch_tokens, seq_lens, n) if bf16_native else (256, [256], repeats or 2)
@@ -223,8 +224,9 @@ def bench_trainer(quick: bool = False, repeats: int | None = None, log: Callable
             specs = {"midtrain bf16": ("midtrain", "bf16-mixed"), "plain bf16": ("plain", "bf16-mixed")}
             t = run_group(preset, seq_len, bf16_tokens, specs, source, warmup, bf16_n, log)
             note = "" if bf16_native else " (emulated bf16, 1-row batch)"
-            rows.append(_row(preset, seq_len, bf16_tokens, "midtrain", "bf16-mixed" + note, "equal", t["midtrain bf16"]))
-            rows.append(_row(preset, seq_len, bf16_tokens, "plain HF", "bf16 autocast" + note, "equal", t["plain bf16"]))
+            pairs = (("midtrain", "bf16-mixed", "midtrain bf16"), ("plain HF", "bf16 autocast", "plain bf16"))
+            for loop, label, key in pairs:
+                rows.append(_row(preset, seq_len, bf16_tokens, loop, label + note, "equal", t[key]))
             summary.append({
                 "model": preset, "seq_len": seq_len, "comparison": "midtrain / plain, equal precision",
                 "precision": "bf16" + note,
@@ -238,14 +240,15 @@ def bench_trainer(quick: bool = False, repeats: int | None = None, log: Callable
         f"precision auto resolves to {auto} on this CPU (native bf16: {bf16_native})",
         f"{warmup} warm-up step(s), then median of {n} interleaved steps per configuration "
         f"(bf16 pair: {bf16_n}); tokens/s = batch tokens / median step time",
-        "peak_rss_mb: process high-water mark during a step (includes both models of the group and the interpreter); "
-        "step_rss_mb: that peak minus RSS at the step's start",
+        "peak_rss_mb: process high-water mark during each configuration's first (warm-up) step, heap trimmed before "
+        "it (includes the interpreter and every model of the interleaved group); step_rss_mb: that peak minus RSS at "
+        "the step's start (the step's activations, logits, gradients and first-step optimizer state)",
         "plain HF computes loss over every position (labels = input_ids); midtrain masks document starts, "
         "confines attention to documents, clips gradients and keeps per-source loss sums",
     ]
     return BenchResult(
         name="trainer",
-        columns=["model", "seq_len", "batch_tokens", "loop", "precision", "role", "step_s", "tokens_per_s",
+        columns=["model", "seq_len", "batch_tokens", "loop", "precision", "role", "step_s", "cpu_s", "tokens_per_s",
                  "spread", "peak_rss_mb", "step_rss_mb"],
         rows=rows,
         summary=summary,
