@@ -130,9 +130,11 @@ class _DDPLike(torch.nn.Module):
         super().__init__()
         self.module = module
         self.calls = 0
+        self.masks = []
 
     def forward(self, **kwargs):
         self.calls += 1
+        self.masks.append(kwargs["attention_mask"])
         return self.module(**kwargs)
 
 
@@ -146,3 +148,19 @@ def test_forward_packed_calls_wrapper_and_rejects_unknown_backend(packed):
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="'flash_attention_2'"):
         forward_packed(model, batch)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_one_document_per_row_takes_the_maskless_path_with_the_same_logits(impl):
+    """Rows without a second document start skip the [T, T] mask; the result must equal the explicit mask's."""
+    config = preset_config("tiny-llama", vocab_size=VOCAB)
+    config._attn_implementation = impl
+    model = build_model(config, seed=0).eval()
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(24).expand(2, 24)
+    spy = _DDPLike(model)
+    with torch.no_grad():
+        fast = forward_packed(spy, {"input_ids": ids, "position_ids": pos})
+        masked = model(input_ids=ids, position_ids=pos, attention_mask=document_causal_mask(pos), use_cache=False)
+    assert spy.masks == [None]
+    torch.testing.assert_close(fast, masked.logits, rtol=1e-5, atol=1e-5)

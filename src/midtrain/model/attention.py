@@ -53,7 +53,10 @@ def forward_packed(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwa
     """
     impl = unwrap_model(model).config._attn_implementation
     position_ids = batch["position_ids"]
-    if impl in _BOOL_MASK_IMPLS:
+    if not bool((position_ids[:, 1:] == 0).any()):
+        # One document per row: plain causal attention, which sdpa runs without materialising a [T, T] mask.
+        mask = None
+    elif impl in _BOOL_MASK_IMPLS:
         mask = document_causal_mask(position_ids)
     elif impl in _ADDITIVE_MASK_IMPLS:
         # fp32 scores: the masked entries must dwarf any score; bf16 scores are promoted when added.

@@ -19,11 +19,12 @@ def token_loss_sums(
 
     HF convention: logits at position t predict labels[t + 1].
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    losses = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="none")
+    # Shift the labels, not the logits: slicing [B, T, V] logits copies the largest tensor of the step.
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shift_labels, ignore_index=IGNORE,
+                             reduction="none")
     valid = shift_labels != IGNORE
-    src = source_ids[:, 1:].reshape(-1).clamp(min=0)
+    src = F.pad(source_ids[:, 1:], (0, 1), value=0).reshape(-1).clamp(min=0)
     detached = losses.detach() * valid
     per_source = torch.zeros(n_sources, dtype=torch.float32, device=logits.device).index_add_(0, src, detached)
     counts = torch.zeros(n_sources, dtype=torch.float32, device=logits.device).index_add_(0, src, valid.float())

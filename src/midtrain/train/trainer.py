@@ -87,10 +87,12 @@ class Trainer:
         micro_batches = [{k: v.to(self.dist.device) for k, v in mb.items()} for mb in self.loader.next_step()]
 
         # Normalise by the *global* label count so any split into ranks and micro-batches gives the same gradient.
-        count = torch.tensor([sum(label_count(mb["labels"]) for mb in micro_batches)], dtype=torch.float64)
+        count = torch.tensor(
+            [sum(label_count(mb["labels"]) for mb in micro_batches)], dtype=torch.float64, device=self.dist.device
+        )  # on the device: NCCL reduces only device tensors
         global_count = max(float(all_reduce_sum(count).item()), 1.0)
         n_sources = len(self.domains)
-        sums = torch.zeros(1 + 2 * n_sources, dtype=torch.float64)
+        sums = torch.zeros(1 + 2 * n_sources, dtype=torch.float64, device=self.dist.device)  # one sync per step
         for i, mb in enumerate(micro_batches):
             with self._sync_context(last=i == len(micro_batches) - 1):
                 with self.autocast:
@@ -98,7 +100,7 @@ class Trainer:
                 loss_sum, per_source, counts = token_loss_sums(logits, mb["labels"], mb["source_ids"], n_sources)
                 # Data-parallel wrappers average gradients over ranks; scaling by world size turns that into a sum.
                 (loss_sum * (self.dist.world_size / global_count)).backward()
-            sums += torch.cat([loss_sum.detach().reshape(1), per_source, counts]).double().cpu()
+            sums += torch.cat([loss_sum.detach().reshape(1), per_source, counts]).double()
             del logits
 
         grad_norm = self._clip()
@@ -106,6 +108,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         all_reduce_sum(sums)
+        sums = sums.cpu()
         tokens = self.stage.batch_tokens
         self.state.stage_step += 1
         self.state.global_step += 1
