@@ -13,7 +13,7 @@ def _midtrain(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_the_verbs():
     out = _midtrain("--help")
     assert out.returncode == 0
-    for verb in ("run", "demo", "recipe"):
+    for verb in ("run", "demo", "recipe", "rope"):
         assert verb in out.stdout
     assert "check" in _midtrain("recipe", "--help").stdout
 

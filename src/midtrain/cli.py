@@ -15,6 +15,10 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mid-training for large language models.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Check and inspect recipes.")
 app.add_typer(recipe_app, name="recipe")
+# Each capability keeps its commands next to its code; the sub-apps import their heavy modules lazily.
+from midtrain.context.cli import rope_app  # noqa: E402
+
+app.add_typer(rope_app, name="rope")
 
 # Logs and CI are not terminals: give tables room instead of rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)

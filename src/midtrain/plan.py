@@ -135,4 +135,7 @@ def build_plan(recipe: Recipe) -> Plan:
         )
         step += steps
         tokens += steps * stage.batch.tokens
+    from midtrain.context import stage_rope_issues
+
+    warnings += stage_rope_issues(recipe.stages)[1]
     return Plan(stages=stages, warnings=warnings)

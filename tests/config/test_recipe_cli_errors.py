@@ -93,6 +93,13 @@ CASES = [
      "stages.cooldown.tokens", "no entry named 'cooldown'", None),
     ("peak_conflicts_with_start", GOOD.replace("decay_fraction: 1.0}", "decay_fraction: 1.0, peak_lr: 0.5}"), [],
      "stages.anneal.start_lr", "conflicts with schedule.peak_lr", "start_lr: from_previous"),
+    ("rope_dynamic_for_training", GOOD.replace("    tokens: 32k", "    rope: {method: dynamic, factor: 4}\n    tokens: 32k"),
+     [], "stages.anneal.rope.method", "inference-only", "rope: {method: dynamic"),
+    ("rope_unknown_parameter", GOOD.replace("    tokens: 32k", "    rope: {method: yarn, factor: 2, beta_fats: 4}\n"
+                                                               "    tokens: 32k"),
+     [], "stages.anneal.rope.beta_fats", "not a parameter of method 'yarn'", "rope: {method: yarn"),
+    ("rope_factor_below_one", GOOD.replace("    tokens: 32k", "    rope: {method: linear, factor: 0.5}\n    tokens: 32k"),
+     [], "stages.anneal.rope.factor", "must be >= 1", "rope: {method: linear"),
 ]
 
 
@@ -150,3 +157,12 @@ def test_plot_flag_writes_png(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rope_factor_short_of_the_stage_length_is_a_warning(tmp_path):
+    text = GOOD.replace("    tokens: 32k\n    seq_len: 128",
+                        "    rope: {method: yarn, factor: 2, original_max_position_embeddings: 32}\n"
+                        "    tokens: 32k\n    seq_len: 128")
+    result = _cli(tmp_path, text)
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stdout and "stage 'anneal': rope." in result.stdout, result.stdout

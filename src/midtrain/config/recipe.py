@@ -244,6 +244,9 @@ def recipe_problems(recipe: Recipe) -> list[Problem]:
             problems.append(
                 ((*at, "schedule", "warmup_tokens"), f"must be below the stage's tokens ({stage.tokens})")
             )
+    from midtrain.context import stage_rope_issues  # the model-independent checks; run() adds the base's spec
+
+    problems += stage_rope_issues(recipe.stages)[0]
     first = recipe.stages[0]
     if first.start_lr == "from_previous":
         problems.append(

@@ -377,3 +377,20 @@ def _check_yarn_ramp(spec: RotarySpec, beta_fast: float, beta_slow: float, trunc
             f"beta_fast down (beta_fast = L0/32 keeps wavelengths below 32 tokens, e.g. "
             f"{max(1.0, original / 32):g})",
         )
+
+
+def stage_rope_issues(stages: list[Any], spec_or_config: Any = None) -> tuple[list[tuple[tuple, str]], list[str]]:
+    """Every stage's RoPE problems: errors as (field path, message) for recipe errors, warnings as lines.
+
+    `stages` are recipe stages (with `.name`, `.rope`, `.seq_len`); the field path is ("stages", i, "rope", key...).
+    """
+    errors: list[tuple[tuple, str]] = []
+    warnings: list[str] = []
+    for i, stage in enumerate(stages):
+        for severity, message in validate_rope(stage.rope, stage.seq_len, spec_or_config):
+            key, _, text = message.partition(": ")
+            if severity == "error":
+                errors.append((("stages", i, *key.split(".")), text))
+            else:
+                warnings.append(f"stage {stage.name!r}: {message}")
+    return errors, warnings

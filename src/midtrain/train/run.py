@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from midtrain.config import Recipe, dump_recipe
-from midtrain.context import apply_rope
+from midtrain.context import apply_rope, stage_rope_issues
 from midtrain.data import PackedLoader, TokenizedSource, byte_tokenizer, default_cache_dir, tokenize_source
 from midtrain.eval.heldout import heldout_metrics, pack_documents
 from midtrain.io import write_text_atomic
@@ -394,6 +394,29 @@ def _check_batch_splits(recipe: Recipe, plan: Plan, world_size: int) -> None:
             )
 
 
+def _check_rope_against_base(recipe: Recipe, tokenizer) -> list[str]:
+    """The recipe's RoPE settings against the base's rotary spec (head_dim, base, L0), before any stage trains.
+
+    Raises on errors; returns the warnings.
+    """
+    if not any(stage.rope for stage in recipe.stages):
+        return []
+    if recipe.base.startswith("preset:"):
+        config = preset_config(recipe.base.removeprefix("preset:"), vocab_size=len(tokenizer))
+    else:
+        config = transformers.AutoConfig.from_pretrained(
+            _base_path(recipe), local_files_only=not recipe.base.startswith("hub:")
+        )
+    errors, warnings = stage_rope_issues(recipe.stages, config)
+    if errors:
+        lines = [f"{'.'.join(str(p) for p in path)}: {msg}" for path, msg in errors]
+        names = {i: st.name for i, st in enumerate(recipe.stages)}
+        lines = [line.replace(f"stages.{i}.", f"stages.{name}.", 1) for line in lines for i, name in names.items()
+                 if line.startswith(f"stages.{i}.")]
+        raise RunError(f"RoPE settings do not fit the base model {recipe.base}:\n" + "\n".join(lines))
+    return warnings
+
+
 def _check_optional_loggers(options: RunOptions) -> None:
     import importlib.util
 
@@ -412,12 +435,13 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
     _prepare_run_dir(recipe, plan, run_dir, options, dist.is_main)
     barrier()
     tokenizer = resolve_tokenizer(recipe)
+    rope_warnings = _check_rope_against_base(recipe, tokenizer)  # before tokenizing: fail in seconds
     sources = _tokenize_all(recipe, tokenizer, dist)
     precision = resolve_precision(recipe.precision, dist.device)
     ctx = RunContext(recipe, plan, dist, run_dir, tokenizer, sources,
                      [s.domain_name for s in recipe.sources], options, precision)
     print_main(ctx, f"precision: {precision} (recipe: {recipe.precision}; device: {dist.device})")
-    for warning in plan.warnings:
+    for warning in plan.warnings + [w for w in rope_warnings if w not in plan.warnings]:
         print_main(ctx, f"warning: {warning}")
     _check_batch_splits(recipe, plan, dist.world_size)  # at launch: not after hours of an earlier stage
     for stage in plan.stages:
