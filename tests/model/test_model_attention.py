@@ -164,3 +164,24 @@ def test_one_document_per_row_takes_the_maskless_path_with_the_same_logits(impl)
         masked = model(input_ids=ids, position_ids=pos, attention_mask=document_causal_mask(pos), use_cache=False)
     assert spy.masks == [None]
     torch.testing.assert_close(fast, masked.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_block_mask_has_the_document_causal_pattern():
+    """The BlockMask's mask_mod must agree with the dense mask everywhere (the GPU path's correctness on CPU)."""
+    from midtrain.model.attention import document_block_mask
+
+    pos = random_positions(torch.Generator().manual_seed(3), 2, 40)
+    block = document_block_mask(pos)
+    b, q, kv = torch.meshgrid(torch.arange(2), torch.arange(40), torch.arange(40), indexing="ij")
+    dense = block.mask_mod(b, torch.zeros_like(b), q, kv)
+    assert torch.equal(dense, document_causal_mask(pos)[:, 0])
+
+
+def test_flex_attention_on_cpu_is_refused_at_launch(tmp_path):
+    from midtrain.config import load_recipe
+    from midtrain.train.run import RunError, run
+    from tests.train.tiny import write_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path), ["attention=flex_attention", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(RunError, match="flex_attention needs a CUDA device"):
+        run(recipe)

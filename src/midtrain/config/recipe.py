@@ -165,6 +165,8 @@ class Recipe(_Strict):
     precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
     distributed: Literal["none", "ddp", "fsdp2"] = "none"
     compile: bool = False
+    # flex_attention skips fully masked blocks of packed documents (GPU only: no CPU backward in torch 2.13).
+    attention: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     sources: list[Source] = Field(default_factory=list)
     checkpoint: CheckpointConfig = CheckpointConfig()
     log_every_steps: int = Field(1, ge=1)

@@ -45,6 +45,20 @@ def document_causal_mask(
     return torch.where(mask, zero, torch.finfo(dtype).min)
 
 
+def document_block_mask(position_ids: torch.Tensor):
+    """flex_attention BlockMask of the same block-diagonal causal pattern: fully masked blocks are skipped, so the
+    cost grows with the sum of squared document lengths, not with T². transformers passes a BlockMask through."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = document_ids(position_ids)
+
+    def same_document_causal(b, h, q, kv):
+        return (seg[b, q] == seg[b, kv]) & (q >= kv)
+
+    b, t = position_ids.shape
+    return create_block_mask(same_document_causal, b, None, t, t, device=position_ids.device)
+
+
 def forward_packed(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
     """Logits [B, T, V] of a packed batch, attention confined to each document. No loss is computed here.
 
@@ -61,10 +75,11 @@ def forward_packed(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwa
     elif impl in _ADDITIVE_MASK_IMPLS:
         # fp32 scores: the masked entries must dwarf any score; bf16 scores are promoted when added.
         mask = document_causal_mask(position_ids, additive=True, dtype=torch.float32)
+    elif impl == "flex_attention":
+        mask = document_block_mask(position_ids)
     else:
         raise ValueError(
-            f"forward_packed supports attn_implementation 'sdpa' or 'eager' (got {impl!r}); "
-            "flash/flex attention need a varlen/BlockMask path"
+            f"forward_packed supports attn_implementation 'sdpa', 'eager' or 'flex_attention' (got {impl!r})"
         )
     out = model(
         input_ids=batch["input_ids"],

@@ -183,6 +183,7 @@ def _initial_model(ctx: RunContext, stage: StagePlan):
             f"{model.get_input_embeddings().num_embeddings}"
         )
     apply_rope(model, recipe.stages[stage.index].rope)
+    model.set_attn_implementation(recipe.attention)
     model.config.use_cache = False
     return model
 
@@ -417,6 +418,11 @@ def _check_rope_against_base(recipe: Recipe, tokenizer) -> list[str]:
     return warnings
 
 
+def _check_attention(recipe: Recipe, device: torch.device) -> None:
+    if recipe.attention == "flex_attention" and device.type != "cuda":
+        raise RunError(f"attention: flex_attention needs a CUDA device (this run uses {device}); use sdpa")
+
+
 def _check_optional_loggers(options: RunOptions) -> None:
     import importlib.util
 
@@ -430,6 +436,7 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
     _check_optional_loggers(options)
     transformers.utils.logging.disable_progress_bar()  # our own progress bars say what happens
     dist = init_distributed(recipe.distributed)
+    _check_attention(recipe, dist.device)
     plan = build_plan(recipe)
     run_dir = Path(recipe.run_dir)
     _prepare_run_dir(recipe, plan, run_dir, options, dist.is_main)
