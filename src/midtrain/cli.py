@@ -57,13 +57,18 @@ def escape(text: str) -> str:
 def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False, wandb: bool = False):
     from midtrain.data import DataError
     from midtrain.train import checkpoint
+    from midtrain.train.preemption import EXIT_PREEMPTED, Preempted
     from midtrain.train.run import RunError, RunOptions, run
+    from midtrain.train.runlock import RunLockError
 
     try:
         options = RunOptions(force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
                              console=console)
         return run(recipe, options)
-    except (RunError, DataError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as exc:
+    except Preempted as exc:
+        err.print(f"[bold yellow]preempted:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(EXIT_PREEMPTED) from None
+    except (RunError, RunLockError, DataError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as exc:
         _fail(escape(str(exc)), EXIT_RUN)
 
 

@@ -106,3 +106,36 @@ def test_incomplete_checkpoint_dirs_are_never_loaded(reference, tmp_path):
     result = midtrain("run", str(recipe), "--set", f"run_dir={run_dir}", *BATCH, cache=cache)
     assert "resumed" not in result.stdout
     assert [r["loss"] for r in train_rows(run_dir)] == [r["loss"] for r in expected]
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stderr.read().decode()[-3000:]}")
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(r.get("event") == "train" and r["step"] >= step
+                                    for r in map(json.loads, metrics.read_text().splitlines()[:-1])):
+            return
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_exits_75_and_resumes_exactly(reference, tmp_path, sig):
+    recipe, cache, expected = reference
+    run_dir = tmp_path / "run"
+    proc = _start(recipe, run_dir, cache)
+    _wait_for_step(proc, run_dir, 3)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 75, stderr.decode()[-2000:]
+    assert f"stopped by {sig.name} at step" in stderr.decode() and "Traceback" not in stderr.decode()
+    stopped = int(stderr.decode().split("at step ")[1].split(";")[0])
+    assert (run_dir / "checkpoints" / "warm" / f"step-{stopped}" / "manifest.json").is_file()
+    assert not (run_dir / ".midtrain.lock").exists()  # released on the way out
+
+    result = midtrain("run", str(recipe), "--set", f"run_dir={run_dir}", *BATCH, cache=cache)
+    assert f"resumed stage 'warm' from step {stopped}" in result.stdout
+    assert [r["loss"] for r in train_rows(run_dir)] == [r["loss"] for r in expected]  # bit for bit

@@ -7,6 +7,7 @@ after-eval exists; a re-run skips finished stages and resumes the first unfinish
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -43,6 +44,8 @@ from midtrain.train.callbacks import (
 from midtrain.train.distributed import DistInfo, barrier, init_distributed, wrap_model
 from midtrain.train.optim import build_optimizer
 from midtrain.train.precision import resolve_precision
+from midtrain.train.preemption import Preempted, PreemptionGuard, StopOnSignal
+from midtrain.train.runlock import RunLock
 from midtrain.train.trainer import Trainer, TrainerState
 
 log = logging.getLogger("midtrain")
@@ -283,7 +286,7 @@ def _export(ctx: RunContext, stage: StagePlan, model, state: TrainerState) -> No
 # --------------------------------------------------------------------------- the stage loop
 
 
-def run_stage(ctx: RunContext, stage: StagePlan) -> TrainerState:
+def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None = None) -> TrainerState:
     recipe, dist, stage_cfg = ctx.recipe, ctx.dist, ctx.recipe.stages[stage.index]
     latest = ckpt.latest_checkpoint(ctx.ckpt_root(stage))
     model = _initial_model(ctx, stage)
@@ -329,8 +332,11 @@ def run_stage(ctx: RunContext, stage: StagePlan) -> TrainerState:
     if recipe.compile:
         model = torch.compile(model)
 
+    saved_step = [-1]
+
     def save(trainer: Trainer) -> None:
         st = trainer.state
+        saved_step[0] = st.global_step
         trainer_json = {
             "trainer": vars(st).copy(),
             "loader": loader.state_dict(),
@@ -364,7 +370,13 @@ def run_stage(ctx: RunContext, stage: StagePlan) -> TrainerState:
         forward=forward_packed, dist=dist, domains=ctx.domains, precision=ctx.precision,
         grad_clip=stage_cfg.optimizer.grad_clip, callbacks=callbacks, state=state,
     )
+    if guard is not None:  # after the periodic save, so a step saved by both is written once
+        trainer.callbacks.append(StopOnSignal(guard, save, lambda: saved_step[0]))
     state = trainer.fit()  # a no-op when resuming from the stage's final checkpoint (killed while exporting)
+    if trainer.should_stop and guard is not None and guard.received is not None:
+        ctx.metrics.write({"event": "preempted", "step": state.global_step, "tokens": state.global_tokens,
+                           "stage": stage.name, "signal": guard.signal_name})
+        raise Preempted(guard.signal_name, state.global_step)
     _export(ctx, stage, model, state)
     _evaluate(ctx, stage, model, heldout, "after", state, str(ctx.export_dir(stage)))
     ctx.metrics.write({"event": "stage_end", "step": state.global_step, "tokens": state.global_tokens,
@@ -439,22 +451,28 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
     _check_attention(recipe, dist.device)
     plan = build_plan(recipe)
     run_dir = Path(recipe.run_dir)
-    _prepare_run_dir(recipe, plan, run_dir, options, dist.is_main)
-    barrier()
-    tokenizer = resolve_tokenizer(recipe)
-    rope_warnings = _check_rope_against_base(recipe, tokenizer)  # before tokenizing: fail in seconds
-    sources = _tokenize_all(recipe, tokenizer, dist)
-    precision = resolve_precision(recipe.precision, dist.device)
-    ctx = RunContext(recipe, plan, dist, run_dir, tokenizer, sources,
-                     [s.domain_name for s in recipe.sources], options, precision)
-    print_main(ctx, f"precision: {precision} (recipe: {recipe.precision}; device: {dist.device})")
-    for warning in plan.warnings + [w for w in rope_warnings if w not in plan.warnings]:
-        print_main(ctx, f"warning: {warning}")
-    _check_batch_splits(recipe, plan, dist.world_size)  # at launch: not after hours of an earlier stage
-    for stage in plan.stages:
-        if stage_finished(ctx, stage):
-            print_main(ctx, f"stage {stage.name!r} already finished; skipping")
-            continue
-        run_stage(ctx, stage)
+    lock = RunLock(run_dir) if dist.is_main else contextlib.nullcontext()
+    with lock, PreemptionGuard() as guard:
+        if isinstance(lock, RunLock) and lock.took_over is not None:
+            print(f"note: took over a stale lock of pid {lock.took_over.get('pid')} (no such process)", flush=True)
+        _prepare_run_dir(recipe, plan, run_dir, options, dist.is_main)
         barrier()
+        tokenizer = resolve_tokenizer(recipe)
+        rope_warnings = _check_rope_against_base(recipe, tokenizer)  # before tokenizing: fail in seconds
+        sources = _tokenize_all(recipe, tokenizer, dist)
+        precision = resolve_precision(recipe.precision, dist.device)
+        ctx = RunContext(recipe, plan, dist, run_dir, tokenizer, sources,
+                         [s.domain_name for s in recipe.sources], options, precision)
+        print_main(ctx, f"precision: {precision} (recipe: {recipe.precision}; device: {dist.device})")
+        for warning in plan.warnings + [w for w in rope_warnings if w not in plan.warnings]:
+            print_main(ctx, f"warning: {warning}")
+        _check_batch_splits(recipe, plan, dist.world_size)  # at launch: not after hours of an earlier stage
+        for stage in plan.stages:
+            if stage_finished(ctx, stage):
+                print_main(ctx, f"stage {stage.name!r} already finished; skipping")
+                continue
+            if guard.agreed(dist.device):  # a signal between stages: nothing to save, the last stage finished
+                raise Preempted(guard.signal_name, stage.first_step)
+            run_stage(ctx, stage, guard)
+            barrier()
     return ctx

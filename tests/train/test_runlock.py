@@ -1,0 +1,42 @@
+"""One writer per run dir: live owners refused, stale locks (dead pid on this host) taken over, released on exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from midtrain.train.runlock import LOCK_NAME, RunLock, RunLockError
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
+    with RunLock(tmp_path):
+        owner = json.loads((tmp_path / LOCK_NAME).read_text())
+        assert owner["pid"] == os.getpid()
+        with pytest.raises(RunLockError, match=f"in use by pid {os.getpid()}.*delete .*{LOCK_NAME}"):
+            with RunLock(tmp_path):
+                pass
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # that process has exited
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": 0}))
+    with RunLock(tmp_path) as lock:
+        assert lock.took_over["pid"] == pid
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_half_written_lock_is_stale_but_another_hosts_lock_is_not(tmp_path):
+    (tmp_path / LOCK_NAME).write_text('{"pid": 12')  # killed while creating it
+    with RunLock(tmp_path) as lock:
+        assert lock.took_over == {}
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0}))
+    with pytest.raises(RunLockError, match="on elsewhere"):
+        with RunLock(tmp_path):
+            pass
