@@ -47,6 +47,8 @@ class TrainerState:
     global_step: int = 0  # optimizer steps done in the run
     global_tokens: int = 0
     last_lr: float | None = None
+    loss_ema: float | None = None  # of applied steps; the spike guard's reference (checkpointed: exact resume)
+    skipped_steps: int = 0
 
 
 @dataclass
@@ -62,7 +64,9 @@ class Trainer:
     grad_clip: float | None = 1.0
     callbacks: list[Callback] = field(default_factory=list)
     state: TrainerState = field(default_factory=TrainerState)
-    should_stop: bool = False  # callbacks may set it (e.g. a NaN guard)
+    should_stop: bool = False  # callbacks may set it (e.g. on a preemption signal)
+    skip_nonfinite: bool = True  # a NaN/inf loss or gradient norm skips the update (the batch counts as consumed)
+    spike_factor: float | None = None  # skip the update when loss > spike_factor x the EMA of applied steps' loss
 
     @property
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -103,12 +107,19 @@ class Trainer:
             sums += torch.cat([loss_sum.detach().reshape(1), per_source, counts]).double()
             del logits
 
+        all_reduce_sum(sums)  # before the update: every rank decides on the same global loss
+        sums = sums.cpu()
+        loss = float(sums[0] / global_count)
         grad_norm = self._clip()
-        self.optimizer.step()
+        skipped = skip_reason(loss, grad_norm, self.state.loss_ema, self.skip_nonfinite, self.spike_factor)
+        if skipped is None:
+            self.optimizer.step()
+            ema = self.state.loss_ema
+            self.state.loss_ema = loss if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * loss
+        else:
+            self.state.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
 
-        all_reduce_sum(sums)
-        sums = sums.cpu()
         tokens = self.stage.batch_tokens
         self.state.stage_step += 1
         self.state.global_step += 1
@@ -122,11 +133,13 @@ class Trainer:
             "stage": self.stage.name,
             "stage_step": self.state.stage_step,
             "stage_tokens": self.state.stage_step * tokens,
-            "loss": float(sums[0] / global_count),
+            "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else math.inf,
         }
+        if skipped is not None:
+            row["skipped"] = skipped
         per_domain: dict[str, list[float]] = {}
         for src, domain in enumerate(self.domains):
             loss_sum, n = float(sums[1 + src]), float(sums[1 + n_sources + src])
@@ -155,6 +168,20 @@ class Trainer:
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
             norm = norm.full_tensor()
         return float(norm)
+
+
+EMA_DECAY = 0.9
+
+
+def skip_reason(
+    loss: float, grad_norm: float, loss_ema: float | None, skip_nonfinite: bool, spike_factor: float | None
+) -> str | None:
+    """Why this step's update should be skipped ("nonfinite" / "spike"), or None to apply it."""
+    if skip_nonfinite and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return "nonfinite"
+    if spike_factor is not None and loss_ema is not None and loss > spike_factor * loss_ema:
+        return "spike"
+    return None
 
 
 @contextlib.contextmanager
