@@ -45,6 +45,115 @@ def show(
     console.print(out, highlight=False, markup=False)
 
 
+@rope_app.command("search")
+def search(
+    checkpoint: Annotated[Path, typer.Argument(help="Local HF checkpoint directory (config, weights, tokenizer).")],
+    target_length: Annotated[int, typer.Option(help="Length L to extend to; fitness is the loss at L tokens.")],
+    data: Annotated[Path, typer.Option(help="Held-out long documents: a .jsonl / .txt file or a directory.")],
+    original: Annotated[Optional[int], typer.Option(
+        help="L0, the length the checkpoint was trained at (default: its config's original_max_position_embeddings)."
+    )] = None,
+    population: Annotated[int, typer.Option(help="Candidates per generation (half are kept as parents).")] = 16,
+    generations: Annotated[int, typer.Option(help="Generations after the initial one (raise it to extend).")] = 8,
+    seed: Annotated[int, typer.Option(help="Search seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output dir: rope.yaml, history.json, state.json (resumed).")] = Path(
+        "longrope-search"),
+    text_field: Annotated[str, typer.Option(help="jsonl field holding the text.")] = "text",
+    windows: Annotated[int, typer.Option(help="Windows of L tokens scored per candidate.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    beta_fast: Annotated[Optional[float], typer.Option(
+        help="beta_fast of the YaRN ramp the search starts from (default min(32, max(2, L0/32))).")] = None,
+) -> None:
+    """Evolutionary search of LongRoPE long factors for CHECKPOINT at --target-length (resumable)."""
+    from midtrain.cli import EXIT_RECIPE, EXIT_RUN, _fail, console, escape
+
+    if not checkpoint.is_dir() or not (checkpoint / "config.json").is_file():
+        _fail(escape(f"CHECKPOINT {checkpoint}: not a checkpoint directory with a config.json"), EXIT_RECIPE)
+    if not data.exists():
+        _fail(escape(f"--data {data}: does not exist"), EXIT_RECIPE)
+    if original is None:
+        original = _config_original(checkpoint)
+        if original is None:
+            _fail(escape(f"--original is required: {checkpoint / 'config.json'} does not say the length the "
+                         "model was trained at (rope_parameters.original_max_position_embeddings)"), EXIT_RECIPE)
+    from midtrain.context.search import SearchConfig
+
+    try:
+        cfg = SearchConfig(target_length=target_length, original=original, population=population,
+                           generations=generations, seed=seed, beta_fast=beta_fast, max_windows=windows,
+                           batch_size=batch_size)
+    except ValueError as exc:
+        _fail(escape(f"--{_option_of(str(exc))}: {exc}"), EXIT_RECIPE)
+    expected = _expected_errors()
+    try:
+        result = _run_search(checkpoint, data, text_field, cfg, out, console)
+    except expected as exc:  # bad data, a foreign state file, an unloadable checkpoint: one line, exit 1
+        _fail(escape(str(exc)), EXIT_RUN)
+    console.print(
+        f"best loss at {target_length}: {result.best_loss:.4f} (ppl {result.best_ppl:.3f}); YaRN-ramp start "
+        f"{result.init_loss:.4f} (ppl {result.init_ppl:.3f}); {result.evaluations} candidates evaluated\n"
+        f"recipe snippet: {out / 'rope.yaml'}  history: {out / 'history.json'}", highlight=False)
+
+
+def _config_original(checkpoint: Path) -> int | None:
+    import json
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    value = rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+    return int(value) if value else None
+
+
+def _option_of(message: str) -> str:
+    for key, option in (("target_length", "target-length"), ("original", "original"), ("population", "population"),
+                        ("generations", "generations"), ("max_windows", "windows"), ("beta_fast", "beta-fast")):
+        if message.startswith(key):
+            return option
+    return "options"
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    from midtrain.context.search import SearchError
+    from midtrain.data import DataError
+
+    return (SearchError, DataError, FileNotFoundError, RuntimeError, ValueError, OSError)
+
+
+def _run_search(checkpoint: Path, data: Path, text_field: str, cfg, out: Path, console):
+    """Load once, search with a progress bar (plain lines when not a terminal), return the SearchResult."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from midtrain.context.search import load_long_documents, longrope_search
+    from midtrain.model import load_model, load_tokenizer
+
+    model = load_model(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+    docs = load_long_documents(data, tokenizer, cfg.target_length, text_field=text_field,
+                               max_documents=cfg.max_windows)
+    meta = {"checkpoint": str(checkpoint.resolve()), "data": str(data.resolve()), "text_field": text_field}
+    budget = cfg.population + cfg.generations * (cfg.population - cfg.parents)  # at most this many evaluations
+    console.print(f"LongRoPE search: L0 {cfg.original} -> {cfg.target_length} (s = {cfg.factor:g}), "
+                  f"{len(docs)} documents, <= {budget} evaluations; state in {out / 'state.json'}", highlight=False)
+    if not console.is_terminal:
+        def plain(kind: str, info: dict) -> None:
+            if kind == "generation":
+                console.print(f"generation {info['generation']}/{cfg.generations}: best loss "
+                              f"{info['best_loss']:.4f} (ppl {info['best_ppl']:.3f}), mean {info['mean_loss']:.4f}, "
+                              f"{info['evaluations']} evaluated, {info['seconds']:.1f}s", highlight=False)
+
+        return longrope_search(model, docs, cfg, out, reporter=plain, meta=meta)
+    columns = (TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("gen {task.fields[gen]}  best loss {task.fields[best]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("search", total=budget, gen="-", best="-")
+
+        def live(kind: str, info: dict) -> None:
+            progress.update(task, completed=min(info["evaluations"], budget), gen=str(info["generation"]),
+                            best=f"{info['best_loss']:.4f}")
+
+        return longrope_search(model, docs, cfg, out, reporter=live, meta=meta)
+
+
 def _number(text: str):
     """CLI values arrive as text: numbers and booleans become themselves, lists stay comma-separated floats."""
     lowered = text.lower()
