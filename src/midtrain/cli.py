@@ -19,6 +19,14 @@ app.add_typer(recipe_app, name="recipe")
 from midtrain.context.cli import rope_app  # noqa: E402
 
 app.add_typer(rope_app, name="rope")
+from midtrain.eval.cli import eval_command  # noqa: E402
+from midtrain.report.cli import report_command  # noqa: E402
+
+app.command("eval")(eval_command)
+app.command("report")(report_command)
+from midtrain.data.cli import data_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
 
 # Logs and CI are not terminals: give tables room instead of rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -54,17 +62,21 @@ def escape(text: str) -> str:
     return rich_escape(text)
 
 
-def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False, wandb: bool = False):
+def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False, wandb: bool = False,
+         override_gates: tuple[str, ...] = ()):
     from midtrain.data import DataError
     from midtrain.train import checkpoint
     from midtrain.train.preemption import EXIT_PREEMPTED, Preempted
     from midtrain.train.run import RunError, RunOptions, run
     from midtrain.train.runlock import RunLockError
+    from midtrain.train.stage_eval import EXIT_GATE, GateFailed
 
     try:
         options = RunOptions(force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
-                             console=console)
+                             console=console, override_gates=override_gates)
         return run(recipe, options)
+    except GateFailed as exc:
+        _fail(escape(str(exc)), EXIT_GATE)
     except Preempted as exc:
         err.print(f"[bold yellow]preempted:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_PREEMPTED) from None
@@ -81,10 +93,14 @@ def run(
     ] = False,
     tensorboard: Annotated[bool, typer.Option(help="Also log to TensorBoard (needs the tensorboard extra).")] = False,
     wandb: Annotated[bool, typer.Option(help="Also log to Weights & Biases, offline (needs wandb).")] = False,
+    override_gate: Annotated[Optional[list[str]], typer.Option(
+        "--override-gate", help="Accept STAGE's failed gate and go on (repeatable; recorded in its eval).",
+        show_default=False)] = None,
 ) -> None:
-    """Run a recipe, or resume it from its run directory's newest checkpoint."""
+    """Run a recipe, or resume it from its run directory's newest checkpoint. Exit 3: a stage failed its gate."""
     loaded = _load(recipe, set_)
-    ctx = _run(loaded, force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb)
+    ctx = _run(loaded, force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
+               override_gates=tuple(override_gate or ()))
     if ctx.dist.is_main:
         _print_summary(ctx.run_dir, [s.name for s in ctx.plan.stages])
 

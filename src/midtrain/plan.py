@@ -113,8 +113,7 @@ def build_plan(recipe: Recipe) -> Plan:
             decay_shape=s.decay_shape,
             half_life=s.half_life,
         )
-        total_weight = sum(stage.data.mixture.values())
-        mixture = {k: v / total_weight for k, v in stage.data.mixture.items() if v > 0}
+        mixture = recipe.effective_mixture(i)  # normalised, with replay of an earlier stage resolved
         previous_fp = _fingerprint(recipe, stage, previous_fp)
         stages.append(
             StagePlan(

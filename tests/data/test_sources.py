@@ -87,3 +87,70 @@ def test_non_utf8_and_empty_txt_files_are_skipped(tmp_path):
     skips = SkipReport()
     assert [d.text for d in iter_documents(tmp_path, skips=skips)] == ["ok"]
     assert skips.counts == {"non_utf8": 1, "empty": 1}
+
+
+# --------------------------------------------------------------------------- parquet, HF datasets, fsspec
+
+
+def test_parquet_rows_metadata_and_bad_values(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": ["first", None, "  ", "fourth"], "lang": ["en", "de", "fr", "it"]}), f,
+                   row_group_size=2)
+    skips = SkipReport()
+    docs = list(iter_documents(f, skips=skips, keep_record=True))
+    assert [(d.text, d.location, d.record["lang"]) for d in docs] == [("first", f"{f}:row 1", "en"),
+                                                                     ("fourth", f"{f}:row 4", "it")]
+    assert skips.counts == {"not_string": 1, "empty": 1}
+    assert skips.examples[0] == f"{f}:row 2: not_string"
+
+
+def test_parquet_missing_column_and_corrupt_file_are_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), f)
+    with pytest.raises(DataError, match=rf"{f}: no column 'text' \(columns: body\)"):
+        list(iter_documents(f))
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(DataError, match=rf"{bad}:row 1: cannot read parquet"):
+        list(iter_documents(bad))
+
+
+def test_saved_hf_dataset_dirs(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a", "b", ""], "n": [1, 2, 3]}).save_to_disk(tmp_path / "ds")
+    skips = SkipReport()
+    docs = list(iter_documents(tmp_path / "ds", skips=skips))
+    assert [d.text for d in docs] == ["a", "b"] and docs[1].location == f"{tmp_path / 'ds'}:row 2"
+    assert skips.counts == {"empty": 1}
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": ["t1"]}),
+                               "test": datasets.Dataset.from_dict({"content": ["e1"]})})
+    dd.save_to_disk(tmp_path / "mixed" / "dd")
+    (tmp_path / "mixed" / "extra.jsonl").write_text(json.dumps({"content": "j"}) + "\n")
+    # a dataset dir inside a source directory is one unit; its arrow/json files are not read as data
+    assert [d.text for d in iter_documents(tmp_path / "mixed", text_field="content")] == ["t1", "j"]
+    assert all(p.is_file() for p in list_files(tmp_path / "mixed"))
+    with pytest.raises(DataError, match=r"\[train\]: no column 'text'"):
+        list(iter_documents(tmp_path / "mixed"))
+
+
+def test_remote_paths_through_fsspec_memory_filesystem():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/corpus/a.jsonl", b'{"text": "remote one"}\n{bad\n')
+    fs.pipe("/corpus/sub/b.jsonl.gz", gzip.compress(b'{"text": "remote two"}\n'))
+    fs.pipe("/corpus/notes.md", b"ignored")
+    skips = SkipReport()
+    docs = list(iter_documents("memory://corpus", skips=skips))
+    assert [d.text for d in docs] == ["remote one", "remote two"]
+    assert docs[0].location == "memory:///corpus/a.jsonl:1"
+    assert skips.examples == ["memory:///corpus/a.jsonl:2: invalid_json"]
+    with pytest.raises(DataError, match="does not exist"):
+        iter_documents("memory://nowhere")

@@ -67,3 +67,30 @@ def test_train_bpe_small_corpus(tmp_path):
 def test_train_bpe_rejects_tiny_vocab():
     with pytest.raises(ValueError, match="vocab_size=100"):
         train_bpe(["abc"], vocab_size=100)
+
+
+def test_cli_tokenizer_train_round_trips_through_autotokenizer(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from midtrain.cli import app
+    from midtrain.model import load_tokenizer
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"body": t}) + "\n" for t in prose_texts(300)) + "{bad\n")
+    out = tmp_path / "tok"
+    args = ["data", "tokenizer", "train", str(corpus), "--vocab", "400", "--out", str(out), "--text-field", "body"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "invalid_json=1" in result.output
+    again = AutoTokenizer.from_pretrained(out)
+    ours = load_tokenizer(str(out))
+    assert len(again) == len(ours) == 400
+    for s in SAMPLES + prose_texts(3):
+        ids = again(s, add_special_tokens=False)["input_ids"]
+        assert ours(s, add_special_tokens=False)["input_ids"] == ids
+        assert again.decode(ids) == s
+    assert (again.bos_token, again.eos_token, again.pad_token) == ("<|bos|>", "<|eos|>", "<|pad|>")
+    refused = CliRunner().invoke(app, args)  # nothing is silently overwritten
+    assert refused.exit_code != 0 and "--force" in refused.output

@@ -135,3 +135,22 @@ def test_a_local_hf_checkpoint_as_base_behaves_like_the_run_that_made_it(finishe
     before = json.loads((tmp_path / "out/eval/warm-before.json").read_text())
     assert before["checkpoint"].endswith("stages/anneal/hf")
     assert before["metrics"] == pytest.approx(source, rel=1e-6)
+
+
+def test_special_tokens_grow_an_hf_bases_embeddings(finished_run, tmp_path):
+    """A recipe that adds tokens to a checkpoint's tokenizer trains and exports with embeddings that fit it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    run_dir, _ = finished_run
+    base = run_dir / "stages/anneal/hf"
+    recipe = write_recipe(tmp_path)
+    text = recipe.read_text().replace("base: preset:tiny-llama\ntokenizer: bytes\n",
+                                      f"base: {base}\nspecial_tokens: ['<|user|>', '<|assistant|>']\n")
+    recipe.write_text(text.replace("    init: scratch\n", ""))
+    midtrain("run", str(recipe), "--set", f"run_dir={tmp_path / 'out'}", "--set", "stages.warm.tokens=512",
+             "--set", "stages.anneal.tokens=512", cache=tmp_path / "cache")
+    old_vocab = AutoConfig.from_pretrained(base).vocab_size
+    exported = tmp_path / "out/stages/anneal/hf"
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert len(tokenizer) == old_vocab + 2 and tokenizer.convert_tokens_to_ids("<|assistant|>") == old_vocab + 1
+    assert AutoConfig.from_pretrained(exported).vocab_size == old_vocab + 2

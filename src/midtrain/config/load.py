@@ -254,6 +254,11 @@ def _resolve_paths(recipe: Recipe, root: Path) -> Recipe:
         update["base"] = str(resolve(Path(recipe.base)))
     if recipe.tokenizer and _is_local(recipe.tokenizer):
         update["tokenizer"] = str(resolve(Path(recipe.tokenizer)))
+    if recipe.decontaminate is not None:
+        update["decontaminate"] = recipe.decontaminate.model_copy(
+            update={"benchmarks": [resolve(p) for p in recipe.decontaminate.benchmarks]})
+    if recipe.curation is not None and recipe.curation.output is not None:
+        update["curation"] = recipe.curation.model_copy(update={"output": resolve(recipe.curation.output)})
     return recipe.model_copy(update=update)
 
 

@@ -66,15 +66,59 @@ class Source(_Strict):
     text_field: str = "text"
     domain: str | None = None
     holdout_docs: int = Field(32, ge=0)
+    # Instruction data (docs/DATA.md): prompt/response or chat records, loss on response tokens only.
+    type: Literal["text", "instruction"] = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    template: Literal["auto", "chat", "simple"] = "auto"
+    max_epochs: float | None = Field(None, gt=0)  # epoch cap: plan/inspect warn when a stage needs more
+    decontaminate: bool = True  # apply the recipe's `decontaminate` block to this source (when there is one)
 
     @property
     def domain_name(self) -> str:
         return self.domain or self.name
 
 
+class DecontamConfig(_Strict):
+    """Word n-gram decontamination against local benchmark files (midtrain.data.decontam)."""
+
+    benchmarks: list[Path] = Field(min_length=1)
+    ngram: int = Field(13, ge=1)
+    mode: Literal["drop", "redact"] = "drop"
+    min_matches: int = Field(1, ge=1)
+    fields: list[str] | None = None  # benchmark jsonl fields to index; null = the usual prompt/answer names
+
+
+class CurationConfig(_Strict):
+    """datatrove curation run by `midtrain data curate` (midtrain.data.curate)."""
+
+    filters: list[Literal["gopher_quality", "gopher_repetition", "c4", "fineweb"]] = Field(
+        default_factory=lambda: ["gopher_repetition", "gopher_quality", "c4", "fineweb"])
+    exact_dedup: bool = True
+    minhash: bool = True
+    minhash_ngram: int = Field(5, ge=1)
+    minhash_buckets: int = Field(14, ge=1)
+    minhash_hashes_per_bucket: int = Field(8, ge=1)
+    language: str = "en"
+    sources: list[Name] | None = None  # null = every text source
+    output: Path | None = None  # curated jsonl.gz per source; null = RUN/data/curated
+    executor: Literal["local", "slurm", "ray"] = "local"
+    tasks: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1)
+    slurm: dict[str, Any] = Field(default_factory=dict)  # passed to datatrove's SlurmPipelineExecutor
+
+
 class CheckpointConfig(_Strict):
     every_tokens: Tokens | None = None
     keep_last: int = Field(2, ge=1)
+
+
+class StepGuardConfig(_Strict):
+    """Training faults: a bad step's update is skipped; the batch still counts as consumed."""
+
+    skip_nonfinite: bool = True
+    spike_factor: float | None = Field(None, gt=1)  # e.g. 3: skip when loss > 3 x EMA(loss); null = off
 
 
 class BatchConfig(_Strict):
@@ -107,8 +151,14 @@ class ScheduleConfig(_Strict):
     half_life: float = Field(0.1, gt=0, le=1)
 
 
+class ReplayConfig(_Strict):
+    fraction: float = Field(gt=0, lt=1)
+    stage: Name | None = None  # whose mixture to replay; null = the previous stage
+
+
 class DataConfig(_Strict):
     mixture: dict[Name, float] = Field(default_factory=dict)
+    replay: ReplayConfig | None = None  # a fraction of an earlier stage's (effective) mixture mixed into this one
 
     @field_validator("mixture")
     @classmethod
@@ -125,6 +175,11 @@ class EvalConfig(_Strict):
     every_tokens: Tokens | None = None
     tasks: list[str] = Field(default_factory=lambda: ["loss"])
     max_docs: int = Field(32, ge=1)
+    # Long-context and generated tasks (midtrain.eval.suite): lengths in the model's tokens, samples per cell.
+    lengths: list[Annotated[int, Field(ge=16)]] = Field(default_factory=list)
+    samples: int = Field(10, ge=1)
+    depths: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    haystack: str = "pydoc"  # noise | pydoc | a local .txt/.jsonl file or directory
 
 
 class Stage(_Strict):
@@ -168,7 +223,11 @@ class Recipe(_Strict):
     # flex_attention skips fully masked blocks of packed documents (GPU only: no CPU backward in torch 2.13).
     attention: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     sources: list[Source] = Field(default_factory=list)
+    special_tokens: list[str] = Field(default_factory=list)  # added to the tokenizer; embeddings grow to match
+    decontaminate: DecontamConfig | None = None
+    curation: CurationConfig | None = None
     checkpoint: CheckpointConfig = CheckpointConfig()
+    step_guard: StepGuardConfig = StepGuardConfig()
     log_every_steps: int = Field(1, ge=1)
     stages: list[Stage] = Field(min_length=1)
 
@@ -189,6 +248,23 @@ class Recipe(_Strict):
         if init is not None:
             return init
         return "scratch" if index == 0 and self.is_preset_base else "weights"
+
+    def effective_mixture(self, index: int) -> dict[str, float]:
+        """Stage `index`'s normalised token weights with replay resolved: (1 - f) * own + f * replayed stage's."""
+        data = self.stages[index].data
+        total = sum(data.mixture.values())
+        own = {k: v / total for k, v in data.mixture.items()} if total > 0 else {}
+        if data.replay is None:
+            return {k: v for k, v in own.items() if v > 0}
+        names = [s.name for s in self.stages[:index]]
+        target = data.replay.stage or (names[-1] if names else None)
+        if target not in names:
+            raise ValueError(f"stages.{self.stages[index].name}.data.replay: no earlier stage {target!r}")
+        f = data.replay.fraction
+        mixed = {k: (1 - f) * v for k, v in own.items()}
+        for k, v in self.effective_mixture(names.index(target)).items():
+            mixed[k] = mixed.get(k, 0.0) + f * v
+        return {k: v for k, v in mixed.items() if v > 0}
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -226,6 +302,13 @@ def recipe_problems(recipe: Recipe) -> list[Problem]:
                 )
         if recipe.sources and not stage.data.mixture:
             problems.append(((*at, "data", "mixture"), "must name at least one source with a weight"))
+        replay = stage.data.replay
+        if replay is not None:
+            earlier = [s.name for s in recipe.stages[:i]]
+            if not earlier:
+                problems.append(((*at, "data", "replay"), "the first stage has no earlier stage to replay"))
+            elif replay.stage is not None and replay.stage not in earlier:
+                problems.append(((*at, "data", "replay", "stage"), f"must name an earlier stage ({earlier})"))
         s = stage.schedule
         if s.peak_lr is None and (stage.start_lr is None or s.warmup_tokens > 0):
             problems.append(
@@ -266,4 +349,7 @@ def recipe_problems(recipe: Recipe) -> list[Problem]:
         )
     if recipe.is_preset_base and first.init == "weights":
         problems.append((("stages", 0, "init"), f"base {recipe.base!r} is a preset without weights: use scratch"))
+    from midtrain.eval.gates import stage_eval_problems  # tasks, lengths and gate conditions (no torch)
+
+    problems += stage_eval_problems(recipe)
     return problems

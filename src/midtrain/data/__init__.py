@@ -1,32 +1,39 @@
-"""Data pipeline: read documents, tokenize into a cache, mix by tokens, pack into batches (CONTRACTS §2, §5)."""
+"""Data pipeline: read documents, tokenize into a cache, mix by tokens, pack into batches (CONTRACTS §2, §5).
 
-from midtrain.data.errors import DataError
-from midtrain.data.loader import PackedLoader
-from midtrain.data.mixture import DeficitSampler
-from midtrain.data.sources import Document, SkipReport, iter_documents, list_files
-from midtrain.data.tokenize import (
-    TokenizedSource,
-    default_cache_dir,
-    source_fingerprint,
-    token_dtype,
-    tokenize_source,
-)
-from midtrain.data.tokenizer import byte_tokenizer, tokenizer_fingerprint, train_bpe
+Names load lazily so that `midtrain --help` (which imports `midtrain.data.cli`) pays for neither torch nor
+transformers.
+"""
 
-__all__ = [
-    "DataError",
-    "DeficitSampler",
-    "Document",
-    "PackedLoader",
-    "SkipReport",
-    "TokenizedSource",
-    "byte_tokenizer",
-    "default_cache_dir",
-    "iter_documents",
-    "list_files",
-    "source_fingerprint",
-    "token_dtype",
-    "tokenize_source",
-    "tokenizer_fingerprint",
-    "train_bpe",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataError": "midtrain.data.errors",
+    "PackedLoader": "midtrain.data.loader",
+    "DeficitSampler": "midtrain.data.mixture",
+    "Document": "midtrain.data.sources",
+    "SkipReport": "midtrain.data.sources",
+    "iter_documents": "midtrain.data.sources",
+    "iter_records": "midtrain.data.sources",
+    "list_files": "midtrain.data.sources",
+    "TokenizedSource": "midtrain.data.tokenize",
+    "default_cache_dir": "midtrain.data.tokenize",
+    "source_fingerprint": "midtrain.data.tokenize",
+    "token_dtype": "midtrain.data.tokenize",
+    "tokenize_source": "midtrain.data.tokenize",
+    "byte_tokenizer": "midtrain.data.tokenizer",
+    "tokenizer_fingerprint": "midtrain.data.tokenizer",
+    "train_bpe": "midtrain.data.tokenizer",
+    "Decontaminator": "midtrain.data.decontam",
+    "InstructionFormat": "midtrain.data.instruct",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'midtrain.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

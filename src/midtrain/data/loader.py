@@ -87,6 +87,9 @@ class PackedLoader:
         # Plain numpy views: memmap slicing through the subclass costs more than the copy itself.
         self._tokens = [np.asarray(s.tokens) for s in sources]
         self._offsets = [np.asarray(s.offsets, dtype=np.int64) for s in sources]
+        # Instruction sources carry a loss mask (1 = response token); plain text sources train on every token.
+        self._masks = [None if s.mask is None else np.asarray(s.mask) for s in sources]
+        self._any_mask = any(m is not None for m in self._masks)
 
     # ---- document order ------------------------------------------------------------------------------------
 
@@ -139,6 +142,14 @@ class PackedLoader:
         np.cumsum(lens, out=cu[1:])
         position_ids = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)
         labels = np.where(position_ids == 0, -100, ids)  # a segment's first token is never predicted across a seam
+        if self._any_mask:  # prompt tokens of instruction data carry no loss
+            keep = np.ones(total, dtype=bool)
+            pos = 0
+            for s, start, n in segs:
+                if self._masks[s] is not None:
+                    keep[pos : pos + n] = self._masks[s][start : start + n].astype(bool)
+                pos += n
+            labels[~keep] = -100
         shape = (len(rows), self.seq_len)
         return {
             "input_ids": torch.from_numpy(ids).view(shape),

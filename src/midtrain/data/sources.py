@@ -1,8 +1,10 @@
-"""Read raw documents from jsonl / jsonl.gz / txt files.
+"""Read raw documents from jsonl / jsonl.gz / parquet / txt files and saved Hugging Face `datasets` directories.
 
-A source is a file or a directory (searched recursively, in sorted order, hidden entries ignored). Each jsonl line is
-one document; a .txt file is one document. Bad jsonl lines are counted in a `SkipReport` rather than aborting a
-multi-GB tokenization run for one broken record; unreadable files and missing paths are errors.
+A source is a file or a directory (searched recursively, in sorted order, hidden entries ignored); a path with a
+scheme (`s3://…`, `memory://…`) is read through fsspec (not HF dataset dirs). Each jsonl line or parquet/dataset row
+is one document; a .txt file is one document. Bad records are counted in a `SkipReport` (with `file:line` or
+`file:row N` examples) rather than aborting a multi-GB tokenization run for one broken record; unreadable files,
+missing paths and a missing text column are errors naming the file.
 """
 
 from __future__ import annotations
@@ -13,17 +15,23 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from midtrain.data.errors import DataError
 
-SUFFIXES = (".jsonl", ".jsonl.gz", ".txt")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")
+HF_MARKERS = ("dataset_dict.json", "state.json")  # written by DatasetDict / Dataset .save_to_disk
 MAX_EXAMPLES = 5
+PARQUET_BATCH = 4096
+
+PathLike = str | Path
 
 
 @dataclass(frozen=True)
 class Document:
     text: str
-    location: str  # "file:line"
+    location: str  # "file:line" (jsonl, txt) or "file:row N" (parquet, HF datasets; N is 1-based)
+    record: dict | None = field(default=None, compare=False)  # the whole record, when asked for (metadata)
 
 
 @dataclass
@@ -56,44 +64,94 @@ class SkipReport:
         return f"skipped {self.total} records ({reasons}); e.g. " + "; ".join(self.examples)
 
 
-def _is_data_file(p: Path) -> bool:
-    return p.is_file() and p.name.endswith(SUFFIXES) and not p.name.startswith(".")
+# --------------------------------------------------------------------------- listing
 
 
-def list_files(path: Path) -> list[Path]:
-    """The data files of a source, in a deterministic order (sorted by path relative to the source)."""
+def is_remote(path: PathLike) -> bool:
+    return "://" in str(path)
+
+
+def is_hf_dataset_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / m).is_file() for m in HF_MARKERS)
+
+
+def _fs(url: str):
+    import fsspec  # a transformers dependency; imported lazily to keep the CLI fast
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _hidden(parts: tuple[str, ...]) -> bool:
+    return any(part.startswith(".") for part in parts)
+
+
+def list_units(path: PathLike) -> list[PathLike]:
+    """What a source reads, in order: data files and HF dataset dirs (remote: URLs of data files)."""
+    if is_remote(path):
+        fs, root = _fs(str(path))
+        if not fs.exists(root):
+            raise DataError(f"{path}: data path does not exist")
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        if fs.isfile(root):
+            found = [root]
+        else:
+            found = sorted(p for p in fs.find(root) if p.endswith(SUFFIXES)
+                           and not _hidden(tuple(p[len(root):].strip("/").split("/"))))
+        if not found:
+            raise DataError(f"{path}: holds no {', '.join(SUFFIXES)} files")
+        bad = [p for p in found if not p.endswith(SUFFIXES)]
+        if bad:
+            raise DataError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+        return [f"{protocol}://{p.removeprefix(protocol + '://')}" for p in found]
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data path does not exist")
     if path.is_file():
         if not path.name.endswith(SUFFIXES):
-            raise DataError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+            raise DataError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)} "
+                            "or a saved HF datasets dir)")
         return [path]
-    files = [
-        p
-        for p in path.rglob("*")
-        if _is_data_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    ]
-    if not files:
-        raise DataError(f"{path}: directory holds no {', '.join(SUFFIXES)} files")
-    return sorted(files, key=lambda p: p.relative_to(path).as_posix())
+    if is_hf_dataset_dir(path):
+        return [path]
+    units: list[Path] = []
+    for p in sorted(path.rglob("*"), key=lambda p: p.relative_to(path).as_posix()):
+        rel = p.relative_to(path).parts
+        if _hidden(rel) or any(u in p.parents for u in units):
+            continue
+        if is_hf_dataset_dir(p) or (p.is_file() and p.name.endswith(SUFFIXES)):
+            units.append(p)
+    if not units:
+        raise DataError(f"{path}: directory holds no {', '.join(SUFFIXES)} files or saved HF datasets")
+    return units
 
 
-def _check_text(text: object, location: str, skips: SkipReport) -> str | None:
-    if not isinstance(text, str):
-        skips.add("not_string", location)
-        return None
-    if not text.strip():
-        skips.add("empty", location)
-        return None
-    return text
+def list_files(path: PathLike) -> list[PathLike]:
+    """Every file whose bytes determine the source (HF dataset dirs expanded), in a deterministic order."""
+    files: list[PathLike] = []
+    for unit in list_units(path):
+        if isinstance(unit, Path) and unit.is_dir():
+            files += sorted((p for p in unit.rglob("*") if p.is_file()), key=lambda p: p.as_posix())
+        else:
+            files.append(unit)
+    return files
 
 
-def _iter_jsonl(file: Path, text_field: str, skips: SkipReport) -> Iterator[Document]:
-    opener = gzip.open if file.name.endswith(".gz") else open
+def open_binary(file: PathLike) -> BinaryIO:
+    """A local or fsspec file opened for reading bytes."""
+    if is_remote(file):
+        fs, p = _fs(str(file))
+        return fs.open(p, "rb")
+    return open(file, "rb")
+
+
+# --------------------------------------------------------------------------- raw records per format
+
+
+def _iter_jsonl(file: PathLike, skips: SkipReport) -> Iterator[tuple[dict, str]]:
     lineno = 0
     try:
-        with opener(file, "rb") as f:
+        with open_binary(file) as raw_f:
+            f = gzip.GzipFile(fileobj=raw_f) if str(file).endswith(".gz") else raw_f
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue  # blank lines separate nothing and are not records
@@ -111,45 +169,121 @@ def _iter_jsonl(file: Path, text_field: str, skips: SkipReport) -> Iterator[Docu
                 if not isinstance(record, dict):
                     skips.add("not_object", loc)
                     continue
-                if text_field not in record:
-                    skips.add("missing_field", loc)
-                    continue
-                text = _check_text(record[text_field], loc, skips)
-                if text is not None:
-                    yield Document(text, loc)
+                yield record, loc
     except (OSError, EOFError, zlib.error) as e:  # unreadable or truncated/corrupt gzip
         raise DataError(f"{file}:{lineno + 1}: cannot read file ({e})") from None
 
 
-def _iter_txt(file: Path, skips: SkipReport) -> Iterator[Document]:
+def _iter_txt(file: PathLike, text_field: str, skips: SkipReport) -> Iterator[tuple[dict, str]]:
     loc = f"{file}:1"
     try:
-        data = file.read_bytes()
+        with open_binary(file) as f:
+            data = f.read()
     except OSError as e:
         raise DataError(f"{file}: cannot read file ({e})") from None
     try:
-        text = data.decode("utf-8")
+        yield {text_field: data.decode("utf-8")}, loc
     except UnicodeDecodeError:
         skips.add("non_utf8", loc)
-        return
-    text = _check_text(text, loc, skips)
-    if text is not None:
-        yield Document(text, loc)
 
 
-def iter_documents(path: Path, text_field: str = "text", skips: SkipReport | None = None) -> Iterator[Document]:
+def _check_columns(where: PathLike, available: list[str], columns: list[str] | None) -> None:
+    missing = [c for c in columns or [] if c not in available]
+    if missing:
+        raise DataError(f"{where}: no column {', '.join(map(repr, missing))} (columns: {', '.join(available)})")
+
+
+def _iter_parquet(file: PathLike, columns: list[str] | None) -> Iterator[tuple[dict, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        with open_binary(file) as f:
+            pf = pq.ParquetFile(f)
+            _check_columns(file, pf.schema_arrow.names, columns)
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield record, f"{file}:row {row}"
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{file}:row {row + 1}: cannot read parquet ({e})") from None
+
+
+def _iter_hf_dataset(directory: Path, columns: list[str] | None) -> Iterator[tuple[dict, str]]:
+    import datasets
+
+    try:
+        ds: Any = datasets.load_from_disk(str(directory))
+    except Exception as e:  # datasets raises many types for a broken dir; all mean "cannot read"
+        raise DataError(f"{directory}: cannot load saved HF dataset ({e})") from None
+    where = str(directory)
+    if isinstance(ds, datasets.DatasetDict):  # train on the train split; other splits are someone's eval data
+        if "train" not in ds:
+            raise DataError(f"{directory}: dataset dict has no 'train' split (splits: {', '.join(ds)})")
+        ds, where = ds["train"], f"{directory}[train]"
+    _check_columns(where, ds.column_names, columns)
+    if columns:
+        ds = ds.select_columns(columns)
+    row = 0
+    for batch in ds.iter(batch_size=PARQUET_BATCH):
+        keys = list(batch)
+        for values in zip(*(batch[k] for k in keys)):
+            row += 1
+            yield dict(zip(keys, values)), f"{where}:row {row}"
+
+
+def iter_records(path: PathLike, skips: SkipReport | None = None,
+                 columns: list[str] | None = None) -> Iterator[tuple[dict, str]]:
+    """(record, location) for every record under `path`; `columns` limits what columnar formats read.
+
+    A .txt file yields `{columns[0] or "text": content}`. The path is checked eagerly.
+    """
+    units = list_units(path)
+    report = skips if skips is not None else SkipReport()
+    yield from records_of_units(units, report, columns)
+
+
+def records_of_units(units: list[PathLike], skips: SkipReport, columns: list[str] | None) -> Iterator[tuple[dict, str]]:
+    for unit in units:
+        name = str(unit)
+        if isinstance(unit, Path) and unit.is_dir():
+            yield from _iter_hf_dataset(unit, columns)
+        elif name.endswith(".parquet"):
+            yield from _iter_parquet(unit, columns)
+        elif name.endswith(".txt"):
+            yield from _iter_txt(unit, (columns or ["text"])[0], skips)
+        else:
+            yield from _iter_jsonl(unit, skips)
+
+
+def check_text(text: object, location: str, skips: SkipReport) -> str | None:
+    if not isinstance(text, str):
+        skips.add("not_string", location)
+        return None
+    if not text.strip():
+        skips.add("empty", location)
+        return None
+    return text
+
+
+def iter_documents(path: PathLike, text_field: str = "text", skips: SkipReport | None = None, *,
+                   keep_record: bool = False) -> Iterator[Document]:
     """Yield the documents under `path`; skipped records are counted into `skips` (when given).
 
     The path is checked eagerly (a missing path raises `DataError` at call time, not at first iteration).
+    `keep_record` attaches the whole record (all metadata fields) to each document.
     """
-    files = list_files(Path(path))
+    units = list_units(path)
     report = skips if skips is not None else SkipReport()
 
     def gen() -> Iterator[Document]:
-        for file in files:
-            if file.name.endswith(".txt"):
-                yield from _iter_txt(file, report)
-            else:
-                yield from _iter_jsonl(file, text_field, report)
+        for record, loc in records_of_units(units, report, None if keep_record else [text_field]):
+            if text_field not in record:
+                report.add("missing_field", loc)
+                continue
+            text = check_text(record[text_field], loc, report)
+            if text is not None:
+                yield Document(text, loc, record if keep_record else None)
 
     return gen()

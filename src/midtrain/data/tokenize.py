@@ -6,7 +6,8 @@ Layout of `CACHE/tok/<fingerprint>/` (CONTRACTS §5):
   docs.npy            int64 offsets into tokens.bin, n_docs + 1 entries
   holdout_tokens.bin  the held-out documents (same format), sorted by content hash
   holdout_docs.npy
-  meta.json           counts, dtype, fingerprints, skip report
+  mask.bin, holdout_mask.bin   instruction sources only: uint8 per token, 1 = carries loss (response tokens)
+  meta.json           counts, dtype, fingerprints, skip report, decontamination report
 The directory is built under a temporary name and renamed into place, so a crash never leaves a half cache behind.
 """
 
@@ -24,8 +25,10 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from midtrain.data.decontam import Decontaminator
 from midtrain.data.errors import DataError
-from midtrain.data.sources import SkipReport, iter_documents, list_files
+from midtrain.data.instruct import InstructionFormat, SkipRecord, encode_record
+from midtrain.data.sources import SkipReport, is_remote, iter_documents, iter_records, list_files, open_binary
 from midtrain.data.tokenizer import tokenizer_fingerprint
 from midtrain.io import sha256_file
 
@@ -41,15 +44,34 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MIDTRAIN_CACHE", Path.home() / ".cache" / "midtrain"))
 
 
-def source_fingerprint(path: Path, text_field: str, tokenizer: PreTrainedTokenizerBase, holdout_docs: int) -> str:
-    """Everything that determines the cache contents; the source's name is not part of it (renaming is free)."""
-    path = Path(path)
+def _digest(file) -> str:
+    if not is_remote(file):
+        return sha256_file(file)
+    h = hashlib.sha256()
+    with open_binary(file) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_fingerprint(path: Path | str, text_field: str, tokenizer: PreTrainedTokenizerBase, holdout_docs: int,
+                       extra: list[str] | None = None) -> str:
+    """Everything that determines the cache contents; the source's name is not part of it (renaming is free).
+
+    `extra` carries the fingerprints of what else shapes the tokens (decontamination, instruction template).
+    """
     files = list_files(path)
-    base = path if path.is_dir() else path.parent
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT_VERSION, text_field, tokenizer_fingerprint(tokenizer), holdout_docs]).encode())
-    for f in files:
-        h.update(json.dumps([f.relative_to(base).as_posix(), sha256_file(f)]).encode())
+    if extra:
+        h.update(json.dumps(extra).encode())
+    if is_remote(path):
+        names = [str(f).removeprefix(str(path).rstrip("/")) for f in files]
+    else:
+        base = Path(path) if Path(path).is_dir() else Path(path).parent
+        names = [Path(f).relative_to(base).as_posix() for f in files]
+    for name, f in zip(names, files):
+        h.update(json.dumps([name, _digest(f)]).encode())
     return h.hexdigest()
 
 
@@ -88,6 +110,8 @@ class TokenizedSource:
     skips: SkipReport
     meta: dict = field(repr=False)
     cache_hit: bool = False
+    mask: np.ndarray | None = None  # instruction sources: uint8 per token, 1 = carries loss
+    holdout_mask: np.ndarray | None = None
 
     @property
     def n_docs(self) -> int:
@@ -127,6 +151,10 @@ class TokenizedSource:
             skips=SkipReport.from_dict(meta["skips"]),
             meta=meta,
             cache_hit=cache_hit,
+            mask=_memmap(directory / "mask.bin", np.dtype(np.uint8), int(offsets[-1])) if meta.get("has_mask")
+            else None,
+            holdout_mask=_memmap(directory / "holdout_mask.bin", np.dtype(np.uint8), int(holdout_offsets[-1]))
+            if meta.get("has_mask") else None,
         )
 
 
@@ -137,18 +165,21 @@ class _Writer:
     duplicates of a held-out document are held out with it, so its text never reaches the training stream.
     """
 
-    def __init__(self, f, k: int):
-        self.f, self.k = f, k
+    def __init__(self, f, k: int, mask_f=None):
+        self.f, self.k, self.mask_f = f, k, mask_f
         self.offsets = [0]
-        self.heap: list[list] = []  # [-hash, hash, tokens, copies]
+        self.heap: list[list] = []  # [-hash, hash, (tokens, mask), copies]
         self.held: dict[int, list] = {}
 
-    def _train(self, tokens: np.ndarray, copies: int = 1) -> None:
+    def _train(self, tokens: tuple[np.ndarray, np.ndarray | None], copies: int = 1) -> None:
+        ids, mask = tokens
         for _ in range(copies):
-            tokens.tofile(self.f)
-            self.offsets.append(self.offsets[-1] + len(tokens))
+            ids.tofile(self.f)
+            if self.mask_f is not None:
+                mask.tofile(self.mask_f)
+            self.offsets.append(self.offsets[-1] + len(ids))
 
-    def add(self, digest: int, tokens: np.ndarray) -> None:
+    def add(self, digest: int, tokens: tuple[np.ndarray, np.ndarray | None]) -> None:
         if digest in self.held:
             self.held[digest][3] += 1
         elif len(self.heap) < self.k:
@@ -164,7 +195,7 @@ class _Writer:
         else:
             self._train(tokens)
 
-    def holdout(self) -> tuple[list[np.ndarray], int]:
+    def holdout(self) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], int]:
         entries = sorted(self.heap, key=lambda e: e[1])
         return [e[2] for e in entries], sum(e[3] - 1 for e in entries)
 
@@ -178,19 +209,27 @@ def _fsync_write(path: Path, write) -> None:
 
 def tokenize_source(
     name: str,
-    path: Path,
+    path: Path | str,
     text_field: str,
     tokenizer: PreTrainedTokenizerBase,
     *,
     holdout_docs: int,
     cache_dir: Path | None = None,
+    decontaminator: Decontaminator | None = None,
+    instruction: InstructionFormat | None = None,
 ) -> TokenizedSource:
-    """Tokenize `path` (or load it from the cache) into a `TokenizedSource`."""
+    """Tokenize `path` (or load it from the cache) into a `TokenizedSource`.
+
+    `decontaminator` drops/redacts benchmark overlap before tokenizing (its report lands in meta.json);
+    `instruction` renders prompt/response or chat records with a loss mask instead of reading `text_field`.
+    """
     if holdout_docs < 0:
         raise ValueError(f"source {name!r}: holdout_docs={holdout_docs} must be >= 0")
-    path = Path(path)
+    path = path if is_remote(path) else Path(path)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    fp = source_fingerprint(path, text_field, tokenizer, holdout_docs)
+    extra = [f"decontam:{decontaminator.fingerprint}" if decontaminator else "",
+             f"instruction:{instruction.fingerprint(tokenizer)}" if instruction else ""]
+    fp = source_fingerprint(path, text_field, tokenizer, holdout_docs, extra if any(extra) else None)
     final = root / "tok" / fp
     if (final / "meta.json").exists():
         return TokenizedSource.load(name, final)
@@ -200,31 +239,53 @@ def tokenize_source(
     head = [bos] if bos is not None else []
     tail = [eos] if eos is not None else []
     skips = SkipReport()
+    if decontaminator is not None:
+        decontaminator.reset_counts()
     tmp = root / "tok" / f".{fp}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
+
+    def clean(text: str, location: str) -> str | None:
+        return text if decontaminator is None else decontaminator.check(text, location).text
+
+    def digest_of(text: str) -> int:
+        return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest(), "big")
+
     try:
-        with open(tmp / "tokens.bin", "wb") as f:
-            writer = _Writer(f, holdout_docs)
-            batch: list = []
-            size = 0
-
-            def flush() -> None:
-                for doc, ids in zip(batch, _encode(tokenizer, [d.text for d in batch])):
-                    if not ids and not head and not tail:
-                        skips.add("no_tokens", doc.location)
+        with open(tmp / "tokens.bin", "wb") as f, \
+                (open(tmp / "mask.bin", "wb") if instruction else open(os.devnull, "wb")) as mf:
+            writer = _Writer(f, holdout_docs, mf if instruction else None)
+            if instruction is not None:
+                for record, loc in iter_records(path, skips):
+                    try:
+                        text, ids, mask = encode_record(record, tokenizer, instruction)
+                    except SkipRecord as e:
+                        skips.add(e.reason, loc)
                         continue
-                    tokens = np.array(head + ids + tail, dtype=dtype)
-                    digest = int.from_bytes(hashlib.sha256(doc.text.encode("utf-8")).digest(), "big")
-                    writer.add(digest, tokens)
-                batch.clear()
+                    if decontaminator is not None and decontaminator.check(text, loc).text != text:
+                        continue  # redacting inside a prompt/response pair would garble it: drop the sample
+                    writer.add(digest_of(text), (ids.astype(dtype), mask))
+            else:
+                batch: list = []
+                size = 0
 
-            for doc in iter_documents(path, text_field, skips):
-                batch.append(doc)
-                size += len(doc.text)
-                if size >= CHUNK_CHARS:
-                    flush()
-                    size = 0
-            flush()
+                def flush() -> None:
+                    for (text, loc), ids in zip(batch, _encode(tokenizer, [t for t, _ in batch])):
+                        if not ids and not head and not tail:
+                            skips.add("no_tokens", loc)
+                            continue
+                        writer.add(digest_of(text), (np.array(head + ids + tail, dtype=dtype), None))
+                    batch.clear()
+
+                for doc in iter_documents(path, text_field, skips):
+                    text = clean(doc.text, doc.location)
+                    if text is None:
+                        continue
+                    batch.append((text, doc.location))
+                    size += len(text)
+                    if size >= CHUNK_CHARS:
+                        flush()
+                        size = 0
+                flush()
             f.flush()
             os.fsync(f.fileno())
         held, held_dups = writer.holdout()
@@ -237,10 +298,12 @@ def tokenize_source(
             )
         offsets = np.asarray(writer.offsets, dtype=np.int64)
         h_offsets = np.zeros(len(held) + 1, dtype=np.int64)
-        h_offsets[1:] = np.cumsum([len(t) for t in held])
+        h_offsets[1:] = np.cumsum([len(t) for t, _ in held])
         _fsync_write(tmp / "docs.npy", lambda f: np.save(f, offsets))
         _fsync_write(tmp / "holdout_docs.npy", lambda f: np.save(f, h_offsets))
-        _fsync_write(tmp / "holdout_tokens.bin", lambda f: [t.tofile(f) for t in held])
+        _fsync_write(tmp / "holdout_tokens.bin", lambda f: [t.tofile(f) for t, _ in held])
+        if instruction is not None:
+            _fsync_write(tmp / "holdout_mask.bin", lambda f: [m.tofile(f) for _, m in held])
         meta = {
             "format_version": FORMAT_VERSION,
             "name": name,
@@ -255,7 +318,13 @@ def tokenize_source(
             "holdout": {"requested": holdout_docs, "n_docs": len(held), "n_tokens": int(h_offsets[-1]),
                         "duplicates": held_dups},
             "skips": skips.to_dict(),
+            "has_mask": instruction is not None,
+            "instruction": None if instruction is None else vars(instruction),
+            "decontamination": None if decontaminator is None else decontaminator.report(),
         }
+        if instruction is not None:
+            mask_total = int(np.fromfile(tmp / "mask.bin", dtype=np.uint8).sum(dtype=np.int64))
+            meta["loss_tokens"] = mask_total  # tokens that carry loss (the rest is prompt)
         _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         try:
             os.rename(tmp, final)

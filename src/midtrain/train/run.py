@@ -19,7 +19,7 @@ import transformers
 
 from midtrain.config import Recipe, dump_recipe
 from midtrain.context import apply_rope, stage_rope_issues
-from midtrain.data import PackedLoader, TokenizedSource, byte_tokenizer, default_cache_dir, tokenize_source
+from midtrain.data import PackedLoader, TokenizedSource, byte_tokenizer, default_cache_dir
 from midtrain.eval.heldout import heldout_metrics, pack_documents
 from midtrain.io import write_text_atomic
 from midtrain.model import (
@@ -33,6 +33,7 @@ from midtrain.model import (
 )
 from midtrain.plan import Plan, StagePlan, build_plan
 from midtrain.train import checkpoint as ckpt
+from midtrain.train import stage_eval
 from midtrain.train.callbacks import (
     Every,
     MetricsWriter,
@@ -63,6 +64,7 @@ class RunOptions:
     wandb: bool = False  # offline W&B (`wandb sync` later); needs the wandb package
     console: object | None = None  # a rich Console for progress bars
     progress: bool = True
+    override_gates: tuple[str, ...] = ()  # stages whose failed gate is accepted (`--override-gate`)
 
 
 @dataclass
@@ -118,6 +120,11 @@ def _prepare_run_dir(recipe: Recipe, plan: Plan, run_dir: Path, options: RunOpti
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in plan.stages:
         recorded = _recorded_fingerprint(run_dir, stage)
+        if recorded and recorded != stage.fingerprint and _may_retry_after_gate(run_dir, plan, stage):
+            k = stage_eval.set_aside_failed_attempt(run_dir, stage.name)
+            print(f"stage {stage.name!r} failed its gate and its recipe changed: the failed attempt is kept as "
+                  f"*.gate-failed-{k}; training the stage again", flush=True)
+            continue
         if recorded and recorded != stage.fingerprint and not options.force_recipe_change:
             raise RunError(
                 f"{run_dir}: stage {stage.name!r} was trained with a different recipe (fingerprint {recorded}, "
@@ -134,6 +141,13 @@ def _prepare_run_dir(recipe: Recipe, plan: Plan, run_dir: Path, options: RunOpti
     write_text_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=2))
 
 
+def _may_retry_after_gate(run_dir: Path, plan: Plan, stage: StagePlan) -> bool:
+    """A gate-failed stage may be trained again under a changed recipe if no later stage has started."""
+    later = plan.stages[stage.index + 1 :]
+    started = any((run_dir / d / s.name).exists() for s in later for d in ("stages", "checkpoints"))
+    return not started and stage_eval.gate_failed_on_record(run_dir, stage.name)
+
+
 def _recorded_fingerprint(run_dir: Path, stage: StagePlan) -> str | None:
     info = run_dir / "stages" / stage.name / "hf" / "midtrain.json"
     if info.is_file():
@@ -144,17 +158,21 @@ def _recorded_fingerprint(run_dir: Path, stage: StagePlan) -> str | None:
 
 def _tokenize_all(recipe: Recipe, tokenizer, dist: DistInfo) -> list[TokenizedSource]:
     """Rank 0 fills the shared cache first; the other ranks then read it (no duplicate work, no races)."""
+    from midtrain.data.prepare import apply_special_tokens, check_epoch_caps, tokenize_recipe_sources
+
     cache = default_cache_dir()
+    apply_special_tokens(recipe, tokenizer)  # every rank: the tokenizer object is per process
 
-    def tokenize_every_source() -> list[TokenizedSource]:
-        return [
-            tokenize_source(s.name, s.path, s.text_field, tokenizer, holdout_docs=s.holdout_docs, cache_dir=cache)
-            for s in recipe.sources
-        ]
+    def tokenize_every_source(report_dir: Path | None) -> list[TokenizedSource]:
+        return tokenize_recipe_sources(recipe, tokenizer, cache_dir=cache, report_dir=report_dir)
 
-    sources = tokenize_every_source() if dist.is_main else None
+    sources = tokenize_every_source(Path(recipe.run_dir) / "data") if dist.is_main else None
     barrier()
-    return sources if sources is not None else tokenize_every_source()
+    sources = sources if sources is not None else tokenize_every_source(None)
+    problems = check_epoch_caps(recipe, sources)
+    if problems:
+        raise RunError("\n".join(problems) + "\n(raise max_epochs, add data, or lower the weights)")
+    return sources
 
 
 # --------------------------------------------------------------------------- model / state for a stage
@@ -180,6 +198,12 @@ def _initial_model(ctx: RunContext, stage: StagePlan):
     else:
         previous = ctx.export_dir(ctx.plan.stages[stage.index - 1])
         model = load_model(previous)
+    if recipe.special_tokens:  # tokens the recipe added: grow the base's embeddings (seeded: resumable)
+        from midtrain.data.instruct import resize_embeddings
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            resize_embeddings(model, len(ctx.tokenizer))
     if model.get_input_embeddings().num_embeddings < len(ctx.tokenizer):
         raise RunError(
             f"tokenizer has {len(ctx.tokenizer)} tokens but the model's embedding has "
@@ -239,22 +263,36 @@ def _heldout_batches(ctx: RunContext, stage: StagePlan) -> list[dict]:
 
 
 def _evaluate(ctx: RunContext, stage: StagePlan, model, batches, when: str, state: TrainerState, source: str) -> None:
-    metrics = heldout_metrics(
-        model, forward_packed, batches, ctx.domains, device=ctx.dist.device, precision=ctx.precision
-    )
-    if ctx.dist.is_main:
-        out = {
-            "stage": stage.name,
-            "when": when,
-            "step": state.global_step,
-            "tokens": state.global_tokens,
-            "checkpoint": source,
-            "metrics": metrics,
-            "details": {},
-        }
-        path = ctx.eval_path(stage, when)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(out, indent=2))
+    """The stage's eval tasks on its start model (before) or its HF export (after): eval/<stage>[-before].json."""
+    export = ctx.export_dir(stage) if when == "after" else None
+    stage_eval.evaluate_stage(ctx, stage, model, batches, when, state.global_step, state.global_tokens, source,
+                              export_dir=export)
+
+
+def _reevaluate(ctx: RunContext, stage: StagePlan) -> None:
+    """A finished stage whose recipe now lists other eval tasks/lengths: evaluate its start and end again."""
+    print_main(ctx, f"stage {stage.name!r}: eval tasks changed; evaluating its start and end checkpoints again")
+    heldout = _heldout_batches(ctx, stage)
+    for when in ("before", "after"):
+        old = json.loads(ctx.eval_path(stage, when).read_text()) if ctx.eval_path(stage, when).is_file() else {}
+        step = old.get("step", stage.first_step if when == "before" else stage.first_step + stage.steps)
+        state = TrainerState(stage_step=0, global_step=step, global_tokens=old.get("tokens", 0))
+        model = _initial_model(ctx, stage) if when == "before" else load_model(ctx.export_dir(stage))
+        source = old.get("checkpoint", str(ctx.export_dir(stage)))
+        _evaluate(ctx, stage, model.to(ctx.dist.device), heldout, when, state, source)
+
+
+def _write_report(ctx: RunContext) -> None:
+    """report.md/html + plots at the end of a run (or where a gate stopped it); a failure here only warns."""
+    if not ctx.dist.is_main:
+        return
+    try:
+        from midtrain.report import write_report
+
+        out = write_report(ctx.run_dir)
+        print_main(ctx, f"report: {out}")
+    except Exception as exc:  # noqa: BLE001 - the run's results stand even if a plot cannot be drawn
+        print_main(ctx, f"warning: could not write the report: {type(exc).__name__}: {exc}")
 
 
 def _export(ctx: RunContext, stage: StagePlan, model, state: TrainerState) -> None:
@@ -369,6 +407,7 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
         model=model, optimizer=optimizer, loader=_GlobalSourceIds(loader, used), stage=stage,
         forward=forward_packed, dist=dist, domains=ctx.domains, precision=ctx.precision,
         grad_clip=stage_cfg.optimizer.grad_clip, callbacks=callbacks, state=state,
+        skip_nonfinite=recipe.step_guard.skip_nonfinite, spike_factor=recipe.step_guard.spike_factor,
     )
     if guard is not None:  # after the periodic save, so a step saved by both is written once
         trainer.callbacks.append(StopOnSignal(guard, save, lambda: saved_step[0]))
@@ -467,12 +506,24 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
         for warning in plan.warnings + [w for w in rope_warnings if w not in plan.warnings]:
             print_main(ctx, f"warning: {warning}")
         _check_batch_splits(recipe, plan, dist.world_size)  # at launch: not after hours of an earlier stage
-        for stage in plan.stages:
-            if stage_finished(ctx, stage):
-                print_main(ctx, f"stage {stage.name!r} already finished; skipping")
-                continue
-            if guard.agreed(dist.device):  # a signal between stages: nothing to save, the last stage finished
-                raise Preempted(guard.signal_name, stage.first_step)
-            run_stage(ctx, stage, guard)
-            barrier()
+        unknown = [name for name in options.override_gates if name not in {s.name for s in plan.stages}]
+        if unknown:
+            raise RunError(f"--override-gate {', '.join(unknown)}: no such stage "
+                           f"(stages: {[s.name for s in plan.stages]})")
+        try:
+            for stage in plan.stages:
+                if stage_finished(ctx, stage):
+                    print_main(ctx, f"stage {stage.name!r} already finished; skipping")
+                    if stage_eval.eval_outdated(ctx, stage):
+                        _reevaluate(ctx, stage)
+                else:
+                    if guard.agreed(dist.device):  # a signal between stages: nothing to save, the last stage finished
+                        raise Preempted(guard.signal_name, stage.first_step)
+                    run_stage(ctx, stage, guard)
+                    barrier()
+                stage_eval.check_gate(ctx, stage)  # raises GateFailed: the run stops here, resumable
+        except stage_eval.GateFailed:
+            _write_report(ctx)
+            raise
+        _write_report(ctx)
     return ctx

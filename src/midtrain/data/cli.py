@@ -1,0 +1,171 @@
+"""`midtrain data ...`: decontaminate, train a tokenizer, curate with datatrove, inspect a recipe's mixtures.
+
+Heavy modules (torch, transformers, datatrove, spaCy) are imported inside the commands so `midtrain --help` is fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+data_app = typer.Typer(no_args_is_help=True, help="Prepare data: decontaminate, tokenizer, curate, inspect.")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train tokenizers.")
+data_app.add_typer(tokenizer_app, name="tokenizer")
+
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a recipe key: a.b=c (stages by name).", show_default=False),
+]
+
+
+@data_app.command("decontaminate")
+def decontaminate(
+    inputs: Annotated[list[Path], typer.Argument(help="Data files or directories (jsonl, jsonl.gz, parquet, txt, "
+                                                      "saved HF datasets).")],
+    benchmarks: Annotated[list[Path], typer.Option("--benchmarks", "-b", help="Benchmark file: jsonl with "
+                                                   "prompt/answer fields, or plain text (repeatable).")],
+    out: Annotated[Path, typer.Option(help="Output directory: kept documents in the inputs' format + report.json.")],
+    ngram: Annotated[int, typer.Option(help="Word n-gram length.")] = 13,
+    mode: Annotated[str, typer.Option(help="drop: remove contaminated documents; redact: cut the matched spans.")]
+    = "drop",
+    text_field: Annotated[str, typer.Option(help="Field holding the document text.")] = "text",
+    field: Annotated[Optional[list[str]], typer.Option(help="Benchmark jsonl field(s) to index (default: prompt, "
+                                                            "question, answer, solution, ...).")] = None,
+    min_matches: Annotated[int, typer.Option(help="Matched n-grams that make a document contaminated.")] = 1,
+) -> None:
+    """Remove benchmark overlap from data files by word n-gram matching; writes OUT/report.json."""
+    from midtrain.cli import EXIT_RUN, _fail, console, escape
+    from midtrain.data.decontam import Decontaminator, decontaminate_paths
+    from midtrain.data.errors import DataError
+
+    try:
+        decon = Decontaminator(benchmarks, ngram=ngram, mode=mode, min_matches=min_matches,  # type: ignore[arg-type]
+                               fields=field)
+        report = decontaminate_paths(inputs, decon, out, text_field)
+    except (DataError, ValueError) as exc:
+        _fail(escape(str(exc)), EXIT_RUN)
+    console.print(f"{report['documents']} documents: {report['dropped']} dropped, {report['redacted']} redacted "
+                  f"({ngram}-grams, mode {mode})")
+    for b in report["benchmarks"]:
+        console.print(f"  {b['name']}: {b['documents_hit']} documents hit, {b['ngrams_matched']} n-grams matched, "
+                      f"{b['items_hit']}/{b['items']} items seen", highlight=False)
+    if report["skipped"]["counts"]:
+        console.print(f"  skipped records: {report['skipped']}", highlight=False)
+    console.print(f"wrote {out}/report.json", highlight=False)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    sources: Annotated[list[Path], typer.Argument(help="Data files or directories to train on.")],
+    vocab: Annotated[int, typer.Option(help="Vocabulary size (>= 259: 256 bytes + specials).")],
+    out: Annotated[Path, typer.Option(help="Directory to save the tokenizer in (AutoTokenizer loads it).")],
+    text_field: Annotated[str, typer.Option(help="Field holding the document text.")] = "text",
+    max_docs: Annotated[Optional[int], typer.Option(help="Train on at most this many documents.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing OUT directory.")] = False,
+) -> None:
+    """Train a byte-level BPE tokenizer (HF tokenizers) for from-scratch bases."""
+    import itertools
+    import os
+    import shutil
+
+    from midtrain.cli import EXIT_RUN, _fail, console, escape
+    from midtrain.data.errors import DataError
+    from midtrain.data.sources import SkipReport, iter_documents
+    from midtrain.data.tokenizer import train_bpe
+
+    if out.exists() and any(out.iterdir()) and not force:
+        _fail(escape(f"{out}: exists and is not empty (use --force to replace it)"), EXIT_RUN)
+    skips = SkipReport()
+    try:
+        docs = itertools.chain.from_iterable(iter_documents(s, text_field, skips) for s in sources)
+        texts = (d.text for d in itertools.islice(docs, max_docs))
+        tok = train_bpe(texts, vocab)
+    except (DataError, ValueError) as exc:
+        _fail(escape(str(exc)), EXIT_RUN)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    console.print(f"trained byte-level BPE: {len(tok)} tokens -> {out}" + (f"; {skips}" if skips.total else ""),
+                  highlight=False)
+
+
+@data_app.command("curate")
+def curate_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file with a `curation` block.")],
+    set_: SetOpt = None,
+    source: Annotated[Optional[list[str]], typer.Option(help="Curate only these sources (repeatable).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Discard earlier curation output and start over.")] = False,
+) -> None:
+    """Run the recipe's datatrove curation (filters, exact + MinHash dedup); stats go to RUN/data/curation/."""
+    from midtrain.cli import EXIT_RUN, _fail, _load, console, escape
+    from midtrain.data.errors import DataError
+
+    rec = _load(recipe, set_)
+    try:
+        from midtrain.data.curate import curate
+
+        results = curate(rec, only=source, fresh=fresh)
+    except (DataError, ValueError, ImportError) as exc:
+        _fail(escape(str(exc)), EXIT_RUN)
+    from rich.table import Table
+
+    for name, res in results.items():
+        if res.get("submitted"):
+            console.print(f"{name}: submitted to {rec.curation.executor}")
+            continue
+        table = Table(title=f"curation of {name}")
+        for col in ("job", "step", "documents", "kept", "removed", "reasons"):
+            table.add_column(col)
+        for row in res["steps"]:
+            if "documents" in row:
+                reasons = ", ".join(f"{k}={v}" for k, v in sorted(row["reasons"].items()))
+                table.add_row(row["job"], row["step"], str(row["documents"]), str(row["kept"]), str(row["removed"]),
+                              reasons)
+        console.print(table)
+
+
+@data_app.command("inspect")
+def inspect_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOpt = None,
+) -> None:
+    """Per stage and source: weight, planned tokens, source size, epochs; warns about repeats and epoch caps."""
+    from rich.table import Table
+
+    from midtrain.cli import EXIT_RUN, _fail, _load, console, escape
+    from midtrain.data.errors import DataError
+
+    rec = _load(recipe, set_)
+    try:
+        from midtrain.data.prepare import apply_special_tokens, mixture_usage, tokenize_recipe_sources
+        from midtrain.train.run import RunError, resolve_tokenizer
+
+        tokenizer = resolve_tokenizer(rec)
+        apply_special_tokens(rec, tokenizer)
+        sources = tokenize_recipe_sources(rec, tokenizer)
+    except (DataError, ValueError, RunError) as exc:
+        _fail(escape(str(exc)), EXIT_RUN)
+    table = Table(title=f"mixtures of {recipe}")
+    for col in ("stage", "source", "share", "planned tokens", "source tokens", "epochs (cumulative)", "cap"):
+        table.add_column(col, justify="left" if col in ("stage", "source") else "right")
+    warnings = []
+    for u in mixture_usage(rec, sources):
+        cap = "-" if u.max_epochs is None else f"{u.max_epochs:g}"
+        table.add_row(u.stage, u.source, f"{100 * u.weight:.1f}%", f"{u.planned_tokens:,}", f"{u.source_tokens:,}",
+                      f"{u.epochs_cumulative:.2f}", cap)
+        if u.over_cap:
+            warnings.append(f"source {u.source!r} exceeds max_epochs={cap} in stage {u.stage!r} "
+                            f"({u.epochs_cumulative:.2f} epochs)")
+        elif u.epochs_cumulative > 1:
+            warnings.append(f"source {u.source!r} is exhausted and repeats in stage {u.stage!r} "
+                            f"({u.epochs_cumulative:.2f} epochs)")
+    console.print(table)
+    for s in sources:
+        if s.skips.total:
+            warnings.append(f"source {s.name!r}: {s.skips}")
+    for w in dict.fromkeys(warnings):
+        console.print(f"[yellow]warning:[/] {escape(w)}")

@@ -1,0 +1,222 @@
+"""Curation with datatrove: heuristic quality filters, exact and MinHash near-dedup, per-step statistics.
+
+We compose datatrove's own blocks (REFERENCE §7) and add only a reader over our sources and a stats summary. For
+each curated source the chain of datatrove jobs is (each job a separate executor, `depends=` the previous one):
+
+  filter   SourceReader -> Gopher repetition / Gopher quality / C4 / FineWeb filters -> work/filtered/*.jsonl.gz
+  exact    signatures -> find duplicates (1 task) -> filter                          -> work/exact/
+  minhash  signatures -> buckets (1 task per bucket) -> cluster (1 task) -> filter     -> OUT/<source>/output/
+  finish   (1 task) summarise every job's stats.json into RUN/data/curation/<source>.json, write OUT/<source>/_SUCCESS
+
+Executors: datatrove's LocalPipelineExecutor by default; SlurmPipelineExecutor / RayPipelineExecutor when the recipe's
+`curation.executor` says so (docs/DATA.md shows a cluster run). Completed tasks are skipped on a re-run (datatrove's
+completion markers), so an interrupted curation resumes.
+
+Offline: the word tokenizers of the Gopher filters and MinHash are spaCy's `blank` pipelines (no model download).
+The C4 bad-words list and fastText language ID download at run time and are therefore not offered here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from datatrove.data import Document as DTDocument
+from datatrove.pipeline.base import PipelineStep
+
+from midtrain.config import Recipe
+from midtrain.config.recipe import CurationConfig
+from midtrain.data.prepare import curated_dir, curated_sources, run_dir_of
+from midtrain.data.sources import SkipReport, iter_documents
+
+
+class SourceReader(PipelineStep):
+    """Our sources (jsonl/jsonl.gz/parquet/txt/HF dirs) as datatrove documents; rank r reads documents i ≡ r mod W."""
+
+    name = "midtrain source reader"
+    type = "📖 - READER"
+
+    def __init__(self, path: str, text_field: str = "text"):
+        super().__init__()
+        self.path, self.text_field = path, text_field
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        skips = SkipReport()
+        for i, doc in enumerate(iter_documents(self.path, self.text_field, skips)):
+            if i % world_size != rank:
+                continue
+            with self.track_time():
+                self.stat_update("documents")
+                yield DTDocument(text=doc.text, id=str(i), metadata={"location": doc.location})
+        for reason, count in skips.counts.items():
+            if rank == 0:
+                self.stat_update(f"skipped_{reason}", value=count)
+
+
+class FinishStep(PipelineStep):
+    """Last job: summarise datatrove's per-job stats.json files and mark the source's output complete."""
+
+    name = "midtrain curation summary"
+    type = "📊 - STATS"
+
+    def __init__(self, source: str, log_dirs: list[str], summary: str, success: str):
+        super().__init__()
+        self.source, self.log_dirs, self.summary, self.success = source, log_dirs, summary, success
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        steps = summarise([Path(d) for d in self.log_dirs])
+        Path(self.summary).parent.mkdir(parents=True, exist_ok=True)
+        from midtrain.io import write_json_atomic, write_text_atomic
+
+        write_json_atomic(Path(self.summary), {"source": self.source, "steps": steps})
+        write_text_atomic(Path(self.success), "ok\n")
+        return iter(())
+
+
+def document_text(doc: DTDocument) -> str:
+    """Exact dedup's content key (module level: executors pickle it)."""
+    return doc.text
+
+
+def _hash_config():
+    # datatrove 0.10's default xxhash path passes str to xxhash >= 4, which rejects it ("Strings must be encoded
+    # before hashing"); sha1 (64-bit) hashes str itself and is what datatrove used before xxhash became default.
+    from datatrove.utils.hashing import HashConfig
+
+    return HashConfig(precision=64, hash_fc="sha1")
+
+
+def summarise(log_dirs: list[Path]) -> list[dict[str, Any]]:
+    """Per pipeline step: documents in, kept and removed (with removal reasons), from datatrove's stats.json."""
+    rows = []
+    for log_dir in log_dirs:
+        stats_file = log_dir / "stats.json"
+        if not stats_file.is_file():
+            continue
+        for step in json.loads(stats_file.read_text()):
+            s = step.get("stats", {})
+            flat = {k: v for k, v in s.items() if isinstance(v, (int, float))}
+            row: dict[str, Any] = {"job": log_dir.name, "step": step["name"]}
+            if "total" in flat and ("forwarded" in flat or "dropped" in flat):
+                row.update(documents=flat["total"], kept=flat.get("forwarded", 0), removed=flat.get("dropped", 0),
+                           reasons={k.removeprefix("dropped_"): v for k, v in flat.items()
+                                    if k.startswith("dropped_")})
+            else:
+                row["stats"] = flat
+            rows.append(row)
+    return rows
+
+
+def _filters(cfg: CurationConfig) -> list[PipelineStep]:
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
+
+    make = {
+        "gopher_repetition": lambda: GopherRepetitionFilter(language=cfg.language),
+        "gopher_quality": lambda: GopherQualityFilter(language=cfg.language),
+        "c4": lambda: C4QualityFilter(language=cfg.language),
+        "fineweb": lambda: FineWebQualityFilter(language=cfg.language),
+    }
+    return [make[name]() for name in cfg.filters]
+
+
+def _executor(cfg: CurationConfig, pipeline: list, *, tasks: int, logging_dir: Path, depends, name: str):
+    if cfg.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(cfg.workers, tasks),
+                                     logging_dir=str(logging_dir), depends=depends)
+    if cfg.executor == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        opts = {"time": "12:00:00", "partition": "cpu", "cpus_per_task": 1, "mem_per_cpu_gb": 2, **cfg.slurm}
+        return SlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir),
+                                     job_name=f"midtrain-{name}", depends=depends, **opts)
+    from datatrove.executor import RayPipelineExecutor
+
+    return RayPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir), depends=depends)
+
+
+def build_jobs(recipe: Recipe, source_name: str, *, fresh: bool = False):
+    """The chain of executors for one source; returns the last one (running it runs or submits the chain)."""
+    from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
+    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    cfg = recipe.curation
+    assert cfg is not None
+    source = next(s for s in recipe.sources if s.name == source_name)
+    work = run_dir_of(recipe) / "data" / "curation" / source_name
+    out = curated_dir(recipe) / source_name
+    if fresh:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    logs, T = work / "logs", cfg.tasks
+    jobs: list = []
+
+    def add(pipeline: list, tasks: int, name: str) -> None:
+        jobs.append(_executor(cfg, pipeline, tasks=tasks, logging_dir=logs / name,
+                              depends=jobs[-1] if jobs else None, name=f"{source_name}-{name}"))
+
+    stage_out = work / "filtered"
+    add([SourceReader(str(source.path), source.text_field), *_filters(cfg), JsonlWriter(str(stage_out))], T, "filter")
+    if cfg.exact_dedup:
+        exact = ExactDedupConfig(content_getter=document_text, hash_config=_hash_config())
+        add([JsonlReader(str(stage_out)), ExactDedupSignature(str(work / "exact_sigs"), config=exact)], T,
+            "exact-signatures")
+        add([ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact)], 1, "exact-find")
+        add([JsonlReader(str(stage_out)), ExactDedupFilter(str(work / "exact_dups"), config=exact),
+             JsonlWriter(str(work / "exact"))], T, "exact-filter")
+        stage_out = work / "exact"
+    final_out = out / "output"
+    if cfg.minhash:
+        mh = MinhashConfig(n_grams=cfg.minhash_ngram, num_buckets=cfg.minhash_buckets,
+                           hashes_per_bucket=cfg.minhash_hashes_per_bucket, seed=recipe.seed + 1,
+                           hash_config=_hash_config())
+        add([JsonlReader(str(stage_out)), MinhashDedupSignature(str(work / "mh_sigs"), config=mh,
+                                                                language=cfg.language)], T, "minhash-signatures")
+        add([MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=mh)],
+            cfg.minhash_buckets, "minhash-buckets")
+        add([MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=mh)], 1,
+            "minhash-cluster")
+        add([JsonlReader(str(stage_out)), MinhashDedupFilter(str(work / "mh_remove")), JsonlWriter(str(final_out))],
+            T, "minhash-filter")
+    else:
+        add([JsonlReader(str(stage_out)), JsonlWriter(str(final_out))], T, "copy")
+    summary = run_dir_of(recipe) / "data" / "curation" / f"{source_name}.json"
+    log_dirs = [str(logs / d) for d in ("filter", "exact-signatures", "exact-find", "exact-filter",
+                                        "minhash-signatures", "minhash-buckets", "minhash-cluster",
+                                        "minhash-filter", "copy")]
+    add([FinishStep(source_name, log_dirs, str(summary), str(out / "_SUCCESS"))], 1, "finish")
+    return jobs[-1]
+
+
+def curate(recipe: Recipe, *, only: list[str] | None = None, fresh: bool = False) -> dict[str, Any]:
+    """Run (local) or submit (Slurm/Ray) the curation of every curated source; returns the local summaries."""
+    if recipe.curation is None:
+        raise ValueError("the recipe has no `curation` block (docs/DATA.md)")
+    names = curated_sources(recipe)
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ValueError(f"not curated text sources: {unknown} (curated: {names})")
+        names = list(only)
+    results: dict[str, Any] = {}
+    for name in names:
+        build_jobs(recipe, name, fresh=fresh).run()
+        summary = run_dir_of(recipe) / "data" / "curation" / f"{name}.json"
+        results[name] = json.loads(summary.read_text()) if summary.is_file() else {"submitted": True}
+    return results

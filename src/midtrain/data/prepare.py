@@ -1,0 +1,138 @@
+"""Recipe -> tokenized sources: curated inputs, decontamination, instruction rendering, epoch checks, reports.
+
+What `midtrain run` (through `train.run._tokenize_all`) and `midtrain data inspect` share. Reports go to
+`RUN/data/` (CONTRACTS §5): `tokenize.json` (per source: documents, tokens, skipped records with file:line examples)
+and `decontamination.json` (per source and benchmark: documents hit, n-grams matched, examples).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from midtrain.config import Recipe
+from midtrain.data.decontam import Decontaminator
+from midtrain.data.errors import DataError
+from midtrain.data.instruct import InstructionFormat, add_special_tokens
+from midtrain.data.tokenize import TokenizedSource, default_cache_dir, tokenize_source
+from midtrain.io import write_json_atomic
+
+log = logging.getLogger("midtrain")
+
+
+def run_dir_of(recipe: Recipe) -> Path:
+    return Path(recipe.run_dir) if recipe.run_dir is not None else Path("runs") / "recipe"
+
+
+def curated_dir(recipe: Recipe) -> Path:
+    """Where `midtrain data curate` writes curated jsonl.gz, one directory per source."""
+    c = recipe.curation
+    return Path(c.output) if c is not None and c.output is not None else run_dir_of(recipe) / "data" / "curated"
+
+
+def curated_sources(recipe: Recipe) -> list[str]:
+    c = recipe.curation
+    if c is None:
+        return []
+    text = [s.name for s in recipe.sources if s.type == "text"]
+    return [n for n in (c.sources or text) if n in text]
+
+
+def source_input(recipe: Recipe, name: str) -> tuple[Path, str]:
+    """(path, text field) a source is tokenized from: its curated output when the recipe curates it, else itself."""
+    source = next(s for s in recipe.sources if s.name == name)
+    if name not in curated_sources(recipe):
+        return source.path, source.text_field
+    out = curated_dir(recipe) / name
+    if not (out / "_SUCCESS").is_file():
+        raise DataError(f"{out}: no curated data for source {name!r}; run `midtrain data curate RECIPE` first "
+                        "(the recipe's `curation` block names it)")
+    return out / "output", "text"  # datatrove's JsonlWriter keeps the text under "text"
+
+
+def build_decontaminator(recipe: Recipe) -> Decontaminator | None:
+    d = recipe.decontaminate
+    if d is None:
+        return None
+    return Decontaminator(d.benchmarks, ngram=d.ngram, mode=d.mode, min_matches=d.min_matches, fields=d.fields)
+
+
+def apply_special_tokens(recipe: Recipe, tokenizer) -> int:
+    """Adds the recipe's `special_tokens` to the tokenizer (in place); the model's embeddings must grow to match."""
+    return add_special_tokens(tokenizer, list(recipe.special_tokens)) if recipe.special_tokens else 0
+
+
+def tokenize_recipe_sources(recipe: Recipe, tokenizer, *, cache_dir: Path | None = None,
+                            report_dir: Path | None = None) -> list[TokenizedSource]:
+    """Tokenize (or load from the cache) every source of the recipe, in recipe order; write reports."""
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    decon = build_decontaminator(recipe)
+    out: list[TokenizedSource] = []
+    for s in recipe.sources:
+        instruction = None
+        if s.type == "instruction":
+            instruction = InstructionFormat(s.prompt_field, s.response_field, s.messages_field, s.template)
+        path, text_field = source_input(recipe, s.name)
+        out.append(tokenize_source(
+            s.name, path, text_field, tokenizer, holdout_docs=s.holdout_docs,
+            cache_dir=cache, decontaminator=decon if s.decontaminate else None, instruction=instruction))
+        if out[-1].skips.total:
+            log.warning("source %r: %s", s.name, out[-1].skips)
+    if report_dir is not None:
+        write_reports(out, report_dir)
+    return out
+
+
+def write_reports(sources: list[TokenizedSource], report_dir: Path) -> None:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(report_dir / "tokenize.json", {
+        s.name: {"cache": str(s.directory), "path": s.meta["path"], "n_docs": s.n_docs, "n_tokens": s.n_tokens,
+                 "loss_tokens": s.meta.get("loss_tokens", s.n_tokens), "holdout": s.meta["holdout"],
+                 "skips": s.skips.to_dict()}
+        for s in sources
+    })
+    decon = {s.name: s.meta["decontamination"] for s in sources if s.meta.get("decontamination")}
+    if decon:
+        write_json_atomic(report_dir / "decontamination.json", decon)
+
+
+@dataclass
+class SourceUse:
+    stage: str
+    source: str
+    weight: float
+    planned_tokens: int
+    source_tokens: int
+    epochs_cumulative: float  # cursors carry over between stages, so epochs add up along the run
+    max_epochs: float | None
+
+    @property
+    def over_cap(self) -> bool:
+        return self.max_epochs is not None and self.epochs_cumulative > self.max_epochs + 1e-9
+
+
+def mixture_usage(recipe: Recipe, sources: list[TokenizedSource]) -> list[SourceUse]:
+    """Planned tokens per stage and source, and the epochs they add up to (plan steps, not the raw budget)."""
+    sizes = {s.name: s.n_tokens for s in sources}
+    caps = {s.name: s.max_epochs for s in recipe.sources}
+    consumed: dict[str, float] = {}
+    rows = []
+    for i, stage in enumerate(recipe.stages):
+        planned_total = stage.steps * stage.batch.tokens
+        for name, w in sorted(recipe.effective_mixture(i).items()):
+            planned = round(planned_total * w)
+            consumed[name] = consumed.get(name, 0) + planned
+            rows.append(SourceUse(stage.name, name, w, planned, sizes[name], consumed[name] / max(1, sizes[name]),
+                                  caps[name]))
+    return rows
+
+
+def check_epoch_caps(recipe: Recipe, sources: list[TokenizedSource]) -> list[str]:
+    """Problems (sources planned beyond their `max_epochs`) and notes (sources repeated at all)."""
+    problems = []
+    for u in mixture_usage(recipe, sources):
+        if u.over_cap:
+            problems.append(f"source {u.source!r} reaches {u.epochs_cumulative:.2f} epochs by the end of stage "
+                            f"{u.stage!r}, above its max_epochs={u.max_epochs} ({u.source_tokens} tokens)")
+    return problems

@@ -1,0 +1,173 @@
+"""One evaluation of one checkpoint: every task a stage (or `midtrain eval`) asks for -> metrics + details.
+
+Metric names are the contract gates and the report read (docs/CONTRACTS.md §4): `loss[.<domain>]`,
+`ppl[.<domain>]`, `ppl@L`, `loss@L`, `passkey@L`, `niah@L`, `ruler.<task>@L`, `ruler@L`, `arith`,
+`harness.<task>.<metric>`. Everything is seeded, so the same checkpoint and spec give the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from midtrain.eval.gates import HARNESS_PREFIX, ruler_tasks_of, task_problem
+from midtrain.eval.tasks import (
+    Sample,
+    TokenCounter,
+    arith_samples,
+    mean_by_metric,
+    niah_grid,
+    niah_samples,
+    passkey_samples,
+    ruler_samples,
+    score,
+)
+from midtrain.eval.tasks.retrieval import DEFAULT_DEPTHS
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to evaluate; built from a stage's `eval` slot or from `midtrain eval` options."""
+
+    tasks: tuple[str, ...] = ("loss",)
+    lengths: tuple[int, ...] = ()
+    samples: int = 10  # per task and length (NIAH: per length and depth)
+    depths: tuple[float, ...] = DEFAULT_DEPTHS
+    haystack: str = "pydoc"
+    seed: int = 0
+    max_windows: int = 16  # ppl@L: windows of L tokens scored
+    batch_size: int = 8
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        problems = [p for p in (task_problem(t) for t in self.tasks) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_config(cls, cfg, seed: int = 0) -> EvalSpec:
+        """From a recipe `EvalConfig` (duck-typed: config must not import this module)."""
+        return cls(tasks=tuple(cfg.tasks), lengths=tuple(cfg.lengths), samples=cfg.samples, depths=tuple(cfg.depths),
+                   haystack=cfg.haystack, seed=seed)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.pop("extra")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def generative_samples(spec: EvalSpec, count: TokenCounter, skipped: dict[str, str]) -> list[Sample]:
+    """All prompts of the spec's generated tasks; a (task, length) that cannot be built is recorded in `skipped`."""
+    samples: list[Sample] = []
+    makers: list[tuple[str, Callable[[int], list[Sample]]]] = []
+    if "passkey" in spec.tasks:
+        makers.append(("passkey", lambda L: passkey_samples(count, [L], spec.samples, spec.seed)))
+    if "niah" in spec.tasks:
+        makers.append(("niah", lambda L: niah_samples(count, [L], spec.depths, spec.samples, spec.seed, spec.haystack)))
+    for task in ruler_tasks_of(spec.tasks):
+        makers.append((f"ruler.{task}",
+                       lambda L, t=task: ruler_samples(count, [t], [L], spec.samples, spec.seed, spec.haystack)))
+    for name, make in makers:
+        for length in spec.lengths:
+            try:
+                samples += make(length)
+            except ValueError as exc:
+                skipped[f"{name}@{length}"] = str(exc)
+    if "arith" in spec.tasks:
+        samples += arith_samples(spec.samples, spec.seed)
+    return samples
+
+
+def _max_new_tokens(count: TokenCounter, samples: Sequence[Sample]) -> int:
+    """Room for the longest expected answer list (with separators), plus a little slack."""
+    return max(sum(count(" " + a) + 2 for a in s.answers) for s in samples) + 4
+
+
+def run_generative(model: nn.Module, tokenizer, samples: Sequence[Sample], *, batch_size: int = 8,
+                   precision: str = "fp32") -> list[str]:
+    """Greedy outputs (decoded text) for every sample; prompts start with BOS like training documents do."""
+    from midtrain.eval.generate import greedy_generate
+
+    count = TokenCounter(tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    outputs: list[str] = [""] * len(samples)
+    by_budget: dict[int, list[int]] = {}  # tasks differ in answer length: decode each group only as far as needed
+    for i, s in enumerate(samples):
+        by_budget.setdefault(_max_new_tokens(count, [s]) if s.scorer == "recall" else 12, []).append(i)
+    for budget, idx in sorted(by_budget.items()):
+        prompts = [bos + count.encode(samples[i].prompt) for i in idx]
+        new = greedy_generate(model, prompts, budget, pad_id=pad, eos_id=tokenizer.eos_token_id,
+                              batch_size=batch_size, precision=precision)
+        for i, tokens in zip(idx, new):
+            outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+    return outputs
+
+
+def evaluate(model: nn.Module, tokenizer, spec: EvalSpec, *, documents: Sequence[np.ndarray] = (),
+             checkpoint_dir: Path | None = None, precision: str = "fp32", log: Log | None = None
+             ) -> tuple[dict[str, float], dict]:
+    """Metrics and details of every task in `spec` except `loss` (held-out packing lives with the caller).
+
+    `documents`: held-out token arrays for `ppl@L`. `checkpoint_dir`: an HF export, needed by harness tasks.
+    """
+    from midtrain.eval.perplexity import perplexity_at_length
+
+    log = log or (lambda _: None)
+    metrics: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    details: dict = {"spec": spec.to_json()}
+    if "ppl" in spec.tasks:
+        for length in spec.lengths:
+            try:
+                out = perplexity_at_length(model, documents, length, max_windows=spec.max_windows,
+                                           batch_size=max(1, spec.batch_size // 2))
+            except ValueError as exc:
+                skipped[f"ppl@{length}"] = str(exc)
+                continue
+            metrics[f"loss@{length}"], metrics[f"ppl@{length}"] = out["loss"], out["ppl"]
+            details.setdefault("ppl_windows", {})[str(length)] = out["windows"]
+    count = TokenCounter(tokenizer)
+    samples = generative_samples(spec, count, skipped)
+    if samples:
+        started = time.perf_counter()
+        outputs = run_generative(model, tokenizer, samples, batch_size=spec.batch_size, precision=precision)
+        scores = [score(s, o) for s, o in zip(samples, outputs)]
+        metrics.update(mean_by_metric(samples, scores))
+        for length in spec.lengths:
+            parts = [metrics[k] for k in metrics if k.startswith("ruler.") and k.endswith(f"@{length}")]
+            if parts:
+                metrics[f"ruler@{length}"] = sum(parts) / len(parts)
+        if "niah" in spec.tasks:
+            details["niah"] = niah_grid(samples, scores)
+        details["examples"] = _examples(samples, outputs)
+        log(f"eval: {len(samples)} generated prompts in {time.perf_counter() - started:.1f}s")
+    harness = [t[len(HARNESS_PREFIX):] for t in spec.tasks if t.startswith(HARNESS_PREFIX)]
+    if harness:
+        from midtrain.eval.harness import run_harness
+
+        found, note = run_harness(checkpoint_dir, harness, seed=spec.seed, log=log)
+        metrics.update(found)
+        if note:
+            skipped["harness"] = note
+    if skipped:
+        details["skipped"] = skipped
+        for key, why in skipped.items():
+            log(f"eval: skipped {key}: {why}")
+    return dict(sorted(metrics.items())), details
+
+
+def _examples(samples: Sequence[Sample], outputs: Sequence[str]) -> dict[str, dict]:
+    """The first sample of each metric: what was expected and what the model said (for reading the report)."""
+    out: dict[str, dict] = {}
+    for sample, text in zip(samples, outputs):
+        if sample.metric not in out:
+            out[sample.metric] = {"expected": list(sample.answers), "output": text[:200]}
+    return out

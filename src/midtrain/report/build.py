@@ -1,0 +1,219 @@
+"""Run dir -> report.md + report.html + plots/*.png: what each stage changed, in one page a researcher can share.
+
+Reads only files of the run-dir contract (plan.json, metrics.jsonl, eval/*.json, data/*.json), so it works on a
+finished run, a stopped one (failed gate, preemption) and a copied run dir alike.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from midtrain.io import write_text_atomic
+from midtrain.report import plots
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line of a killed run
+    return rows
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _change(before, after) -> str:
+    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)) or not before:
+        return ""
+    return f"{(after - before) / abs(before):+.1%}"
+
+
+class _Doc:
+    """Builds the markdown and the HTML side by side from the same sections."""
+
+    def __init__(self, title: str):
+        self.md = [f"# {title}", ""]
+        self.html = [f"<h1>{html.escape(title)}</h1>"]
+
+    def heading(self, text: str) -> None:
+        self.md += [f"## {text}", ""]
+        self.html.append(f"<h2>{html.escape(text)}</h2>")
+
+    def para(self, text: str) -> None:
+        self.md += [text, ""]
+        self.html.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        if not rows:
+            return
+        self.md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        self.md += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def image(self, path: Path | None, run_dir: Path, alt: str) -> None:
+        if path is None:
+            return
+        rel = path.relative_to(run_dir).as_posix()
+        self.md += [f"![{alt}]({rel})", ""]
+        self.html.append(f'<figure><img src="{html.escape(rel)}" alt="{html.escape(alt)}">'
+                         f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;"
+        "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+        "img{max-width:100%}figure{margin:1em 0}figcaption{font-size:.85em;color:#666}")
+
+
+# After load the page records how many images failed to decode (naturalWidth 0): tests read it with --dump-dom.
+_IMAGE_CHECK = ("<script>window.addEventListener('load',function(){var im=[].slice.call(document.images);"
+                "document.body.setAttribute('data-images','broken:'+im.filter(function(i){return !i.naturalWidth})"
+                ".length+' total:'+im.length);});</script>")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Writes RUN/report.md, RUN/report.html and RUN/plots/*.png; returns the HTML path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run dir {run_dir} does not exist")
+    plan = _read_json(run_dir / "plan.json") or {"stages": []}
+    stages = plan.get("stages", [])
+    rows = _rows(run_dir)
+    plot_dir = run_dir / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    evals = {st["name"]: (_read_json(run_dir / "eval" / f"{st['name']}-before.json"),
+                          _read_json(run_dir / "eval" / f"{st['name']}.json")) for st in stages}
+
+    doc = _Doc(f"midtrain report: {run_dir.name}")
+    doc.para(f"{len(stages)} stage(s), {sum(s['tokens'] for s in stages):,} planned tokens; "
+             f"{sum(1 for _, a in evals.values() if a)} finished.")
+    doc.table(["stage", "tokens", "steps", "seq_len", "init", "mixture", "lr start → end", "status"],
+              [[st["name"], f"{st['tokens']:,}", str(st["steps"]), str(st["seq_len"]), st["init"],
+                ", ".join(f"{k} {v:.0%}" for k, v in st.get("mixture", {}).items()),
+                f"{_fmt(_first_lr(rows, st['name']))} → {_fmt(st.get('last_lr'))}", _status(evals[st["name"]])]
+               for st in stages])
+
+    doc.heading("Training")
+    doc.image(plots.loss_curves(rows, stages, plot_dir / "loss.png"), run_dir, "loss per domain over tokens")
+    doc.image(plots.lr_and_mixture(rows, stages, plot_dir / "lr_mixture.png"), run_dir,
+              "learning rate and mixture shares over tokens")
+
+    doc.heading("Before / after each stage")
+    for name, (before, after) in evals.items():
+        if not (before or after):
+            continue
+        b, a = (before or {}).get("metrics", {}), (after or {}).get("metrics", {})
+        start, end = (before or {}).get("checkpoint", "?"), (after or {}).get("checkpoint", "–")
+        doc.para(f"Stage {name}: start {start} → end {end}")
+        doc.table(["metric", "before", "after", "change"],
+                  [[k, _fmt(b.get(k)), _fmt(a.get(k)), _change(b.get(k), a.get(k))] for k in sorted({*b, *a})])
+        skipped = {**(before or {}).get("details", {}).get("skipped", {}),
+                   **(after or {}).get("details", {}).get("skipped", {})}
+        if skipped:
+            doc.para("Skipped: " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
+
+    doc.heading("Gates")
+    gate_rows = []
+    for name, (_, after) in evals.items():
+        gate = (after or {}).get("gate")
+        for cond in (gate or {}).get("conditions", []):
+            verdict = "pass" if cond["passed"] else ("FAIL (overridden)" if gate.get("overridden") else "FAIL")
+            gate_rows.append([name, cond["metric"], cond["condition"], _fmt(cond["value"]), _fmt(cond["before"]),
+                              _fmt(cond["threshold"]), verdict])
+    if gate_rows:
+        doc.table(["stage", "metric", "condition", "after", "before", "threshold", "outcome"], gate_rows)
+    else:
+        doc.para("No stage has a gate (or none has been checked yet).")
+
+    doc.heading("Long context")
+    labelled = _labelled_evals(stages, evals)
+    doc.image(plots.per_length(labelled, "ppl", "perplexity", "Perplexity vs context length",
+                               plot_dir / "ppl_length.png", log_y=True), run_dir, "perplexity vs context length")
+    doc.image(plots.per_length(labelled, "passkey", "accuracy", "Passkey retrieval per length",
+                               plot_dir / "passkey.png"), run_dir, "passkey accuracy per length")
+    for label, ev in labelled.items():
+        grid = ev.get("details", {}).get("niah")
+        doc.image(plots.niah_heatmap(grid or {}, f"NIAH: {label}", plot_dir / f"niah_{_safe(label)}.png"), run_dir,
+                  f"needle in a haystack, {label}")
+    pairs = [(name, (b or {}).get("metrics", {}), (a or {}).get("metrics", {})) for name, (b, a) in evals.items()
+             if a or b]
+    doc.image(plots.task_bars(pairs, plot_dir / "tasks.png"), run_dir, "task scores before and after each stage")
+
+    _data_section(doc, run_dir)
+    write_text_atomic(run_dir / "report.md", "\n".join(doc.md) + "\n")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>midtrain report: {html.escape(run_dir.name)}"
+            f"</title><style>{_CSS}</style></head><body>" + "\n".join(doc.html) + _IMAGE_CHECK + "</body></html>\n")
+    write_text_atomic(run_dir / "report.html", page)
+    return run_dir / "report.html"
+
+
+def _first_lr(rows: list[dict], stage: str) -> float | None:
+    return next((r["lr"] for r in rows if r.get("event") == "stage_start" and r.get("stage") == stage), None)
+
+
+def _status(pair: tuple[dict | None, dict | None]) -> str:
+    before, after = pair
+    if after is None:
+        return "started" if before else "pending"
+    gate = after.get("gate")
+    if not gate:
+        return "done"
+    if gate["passed"]:
+        return "done, gate passed"
+    return "gate failed (overridden)" if gate.get("overridden") else "gate FAILED"
+
+
+def _labelled_evals(stages: list[dict], evals: dict) -> dict[str, dict]:
+    """The first stage's start, then each stage's end: the checkpoints a ladder produces, in order."""
+    out = {}
+    if stages and evals[stages[0]["name"]][0]:
+        out[f"start ({stages[0]['name']} before)"] = evals[stages[0]["name"]][0]
+    for st in stages:
+        after = evals[st["name"]][1]
+        if after:
+            out[st["name"]] = after
+    return out
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def _data_section(doc: _Doc, run_dir: Path) -> None:
+    """Curation/decontamination/tokenization summaries written under RUN/data by the data pipeline, if any."""
+    files = sorted((run_dir / "data").glob("*.json")) if (run_dir / "data").is_dir() else []
+    if not files:
+        return
+    doc.heading("Data")
+    for file in files:
+        data = _read_json(file)
+        if not isinstance(data, dict):
+            continue
+        rows = [[k, _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(v)[:160]] for k, v in data.items()]
+        doc.para(file.name)
+        doc.table(["key", "value"], rows[:30])

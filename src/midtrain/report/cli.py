@@ -1,0 +1,21 @@
+"""`midtrain report RUN_DIR`: (re)write a run's report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (plan.json, metrics.jsonl, eval/).")],
+) -> None:
+    """Write RUN_DIR/report.md, report.html and plots/*.png (loss, LR and mixture, evals, gates)."""
+    from midtrain.cli import EXIT_RUN, _fail, console, escape
+    from midtrain.report import write_report
+
+    if not (run_dir / "plan.json").is_file():
+        _fail(escape(f"{run_dir}: not a run directory (no plan.json)"), EXIT_RUN)
+    out = write_report(run_dir)
+    console.print(f"report: {out} and {run_dir / 'report.md'}")
