@@ -15,18 +15,6 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mid-training for large language models.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Check and inspect recipes.")
 app.add_typer(recipe_app, name="recipe")
-# Each capability keeps its commands next to its code; the sub-apps import their heavy modules lazily.
-from midtrain.context.cli import rope_app  # noqa: E402
-
-app.add_typer(rope_app, name="rope")
-from midtrain.eval.cli import eval_command  # noqa: E402
-from midtrain.report.cli import report_command  # noqa: E402
-
-app.command("eval")(eval_command)
-app.command("report")(report_command)
-from midtrain.data.cli import data_app  # noqa: E402
-
-app.add_typer(data_app, name="data")
 
 # Logs and CI are not terminals: give tables room instead of rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -140,37 +128,75 @@ def recipe_check(
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option(help="Smaller budgets (<1 min): a smoke test, not held to results.")] = False,
-    out: Annotated[Path, typer.Option(help="Directory for the corpus and the run.")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="Smaller budgets (<3 min): a smoke test, not held to results.")] = False,
+    out: Annotated[Path, typer.Option(help="Directory for the corpus, tokenizer and run.")] = Path("runs/demo"),
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest for this tiny model on shared "
+                                               "cores: 5x over 2 threads under load, docs/DEMO.md).")] = 1,
 ) -> None:
-    """Offline two-stage mid-training demo on a tiny model (corpus built from Python's own docs and stdlib)."""
+    """Offline three-stage mid-training demo on a tiny model: pretrain, anneal with replay, 4x context extension."""
+    import torch
+
     from midtrain.demo import prepare
 
-    recipe_path, overrides = prepare(out, quick)
-    console.print(f"demo recipe: {recipe_path}  (corpus in {out / 'corpus'})")
+    torch.set_num_threads(max(1, threads))
+
+    with console.status("building the demo corpus and training its tokenizer"):
+        recipe_path, overrides = prepare(out, quick)
+    console.print(f"demo recipe: {recipe_path}  (corpus in {out / 'corpus'}, tokenizer in {out / 'tokenizer'})")
     loaded = _load(recipe_path, overrides)
-    ctx = _run(loaded)
+    # The demo always reaches its table: a failed gate is recorded (and shown) instead of stopping the run.
+    ctx = _run(loaded, override_gates=tuple(s.name for s in loaded.stages))
     _print_summary(ctx.run_dir, [s.name for s in ctx.plan.stages])
 
 
+def _fmt_metric(key: str, value: float) -> str:
+    return f"{value:.2f}" if key.startswith(("passkey", "niah", "ruler", "arith")) else f"{value:.4f}"
+
+
 def _print_summary(run_dir: Path, stages: list[str]) -> None:
-    table = Table(title="held-out loss before -> after each stage")
+    table = Table(title="before -> after each stage (held-out loss per domain; task accuracy)")
     table.add_column("stage")
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     table.add_column("change", justify="right")
+    table.add_column("gate")
+    shown = ("loss", "passkey", "niah", "ruler", "arith")
     for name in stages:
         before_file, after_file = run_dir / "eval" / f"{name}-before.json", run_dir / "eval" / f"{name}.json"
         if not (before_file.is_file() and after_file.is_file()):
             continue
         before = json.loads(before_file.read_text())["metrics"]
-        after = json.loads(after_file.read_text())["metrics"]
-        for key in sorted(k for k in after if k.startswith("loss")):
+        record = json.loads(after_file.read_text())
+        after = record["metrics"]
+        gates = {c["metric"]: c for c in (record.get("gate") or {}).get("conditions", [])}
+        for key in sorted(k for k in after if k.split(".")[0].split("@")[0] in shown):
             b, a = before.get(key, math.nan), after[key]
-            table.add_row(name, key, f"{b:.4f}", f"{a:.4f}", f"{(a - b) / b:+.1%}" if b else "")
+            is_loss = key.startswith("loss")
+            change = (f"{(a - b) / b:+.1%}" if is_loss and b else f"{a - b:+.2f}") if not math.isnan(b) else ""
+            cond = gates.get(key)
+            gate = "" if cond is None else f"{cond['condition']} {'ok' if cond['passed'] else 'FAILED'}"
+            table.add_row(name, key, _fmt_metric(key, b), _fmt_metric(key, a), change, gate)
     console.print(table)
     console.print(f"run dir: {run_dir}  (metrics.jsonl, eval/, stages/<stage>/hf)")
+    for report in (run_dir / "report.html", run_dir / "report.md"):
+        if report.is_file():
+            console.print(f"report: {report}")
+
+
+# Each capability keeps its commands next to its code (imports of heavy modules stay inside the commands);
+# registered after the core verbs so `midtrain --help` lists run, demo and recipe first.
+from midtrain.context.cli import rope_app  # noqa: E402
+from midtrain.data.cli import data_app  # noqa: E402
+from midtrain.eval.cli import eval_command  # noqa: E402
+from midtrain.merge.cli import merge_command  # noqa: E402
+from midtrain.report.cli import report_command  # noqa: E402
+
+app.command("eval")(eval_command)
+app.command("report")(report_command)
+app.command("merge")(merge_command)
+app.add_typer(data_app, name="data")
+app.add_typer(rope_app, name="rope")
 
 
 def main() -> None:
