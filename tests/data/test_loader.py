@@ -205,3 +205,47 @@ def test_realized_token_shares_follow_weights(sources):
     src = torch.cat([mb["source_ids"].ravel() for mb in run(loader, 60)])
     shares = torch.bincount(src, minlength=3).double() / src.numel()
     assert torch.allclose(shares, torch.tensor(weights, dtype=torch.float64), atol=0.005)
+
+
+def test_unsplit_documents_stay_whole_and_padding_carries_no_loss(sources):
+    loader = make(sources, split_documents=False)
+    batches = run(loader, 20)
+    segments: list[list[int]] = [[] for _ in sources]  # per source: segment lengths in emission order
+    for b in batches:
+        pad = b["source_ids"] == -1
+        assert torch.all(b["labels"][pad] == -100) and torch.all(b["input_ids"][pad] == 0)
+        for r in range(b["source_ids"].shape[0]):
+            starts = torch.nonzero(b["position_ids"][r] == 0).flatten().tolist() + [SEQ]
+            for a, z in zip(starts, starts[1:]):
+                src = int(b["source_ids"][r, a])
+                if src == -1:
+                    assert z == SEQ  # padding only closes a row
+                else:
+                    segments[src].append(z - a)
+    assert any(torch.any(b["source_ids"] == -1) for b in batches)  # some documents did not fit a row's rest
+    for s, lengths in enumerate(segments):
+        # Oracle: walk the source's documents in order; one that fits a row is exactly one segment.
+        docs = [len(loader.sources[s].doc(i)) for e in range(loader.epochs()[loader.sources[s].name] + 1)
+                for i in loader.permutation(s, e)]
+        k = 0
+        for doc_len in docs:
+            if k == len(lengths):
+                break
+            if doc_len <= SEQ:
+                assert lengths[k] == doc_len, (s, k)
+                k += 1
+            else:
+                left = doc_len
+                while left and k < len(lengths):
+                    left -= lengths[k]
+                    k += 1
+                assert left >= 0
+        assert k == len(lengths)
+    for s, stream in enumerate(source_streams(batches, len(sources))):  # same token order, padding aside
+        assert np.array_equal(stream, expected_stream(loader, s, len(stream)))
+
+    straight = make(sources, split_documents=False)
+    run(straight, 7)
+    resumed = make(sources, split_documents=False)
+    resumed.load_state_dict(json.loads(json.dumps(straight.state_dict())))
+    assert_same(run(resumed, 3), run(straight, 3))

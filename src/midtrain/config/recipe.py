@@ -159,6 +159,8 @@ class ReplayConfig(_Strict):
 class DataConfig(_Strict):
     mixture: dict[Name, float] = Field(default_factory=dict)
     replay: ReplayConfig | None = None  # a fraction of an earlier stage's (effective) mixture mixed into this one
+    # False: a document that fits in a row is never cut across rows (the rest of a row is padding without loss).
+    split_documents: bool = True
 
     @field_validator("mixture")
     @classmethod

@@ -18,6 +18,7 @@ from midtrain.data.tokenize import TokenizedSource
 
 STATE_VERSION = 1
 Segment = tuple[int, int, int]  # (source index, start in the source's flat tokens, length)
+PAD = -1  # source index of padding segments (split_documents=False): token 0, no loss, source id -1
 
 
 def _name_key(name: str) -> int:
@@ -40,8 +41,11 @@ class _Cursor:
 class PackedLoader:
     """Packs documents drawn by a token-quota mixture into `global_batch_seqs` rows of `seq_len` per step.
 
-    No padding: documents run back to back and one that does not fit continues at the start of the next row (as a
-    new segment, position ids restarting at 0). Rank r gets rows [r*n/W, (r+1)*n/W) split into micro-batches.
+    Documents run back to back and one that does not fit continues at the start of the next row (as a new segment,
+    position ids restarting at 0). With `split_documents=False` a document that fits in a row is never cut: when it
+    does not fit in what is left of the current row, the rest of the row is padding (source -1, no loss) and the
+    document opens the next row — what tasks whose answer depends on the whole document (retrieval) need. Rank r
+    gets rows [r*n/W, (r+1)*n/W) split into micro-batches.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class PackedLoader:
         rank: int = 0,
         world_size: int = 1,
         micro_batch: int | None = None,
+        split_documents: bool = True,
     ):
         if not sources:
             raise ValueError("PackedLoader needs at least one source")
@@ -79,6 +84,7 @@ class PackedLoader:
         self.seq_len, self.global_batch_seqs = seq_len, global_batch_seqs
         self.rank, self.world_size, self.micro_batch = rank, world_size, micro
         self.seed = seed
+        self.split_documents = split_documents
         self.sampler = DeficitSampler(weights)
         self.steps = 0
         self._cursors = [_Cursor(seed=seed) for _ in sources]
@@ -114,6 +120,9 @@ class PackedLoader:
             doc = int(self.permutation(s, c.epoch)[c.cursor])
             start = int(self._offsets[s][doc]) + c.offset
             end = int(self._offsets[s][doc + 1])
+            if not self.split_documents and c.offset == 0 and space < end - start <= self.seq_len:
+                segs.append((PAD, 0, space))  # the document stays whole: it opens the next row
+                break
             n = min(end - start, space)
             segs.append((s, start, n))
             self.sampler.add(s, n)  # tokens actually emitted, so shares hold for truncated documents too
@@ -136,17 +145,19 @@ class PackedLoader:
         ids = np.empty(total, dtype=np.int64)
         pos = 0
         for s, start, n in segs:
-            ids[pos : pos + n] = self._tokens[s][start : start + n]
+            ids[pos : pos + n] = 0 if s == PAD else self._tokens[s][start : start + n]
             pos += n
         cu = np.zeros(len(segs) + 1, dtype=np.int64)
         np.cumsum(lens, out=cu[1:])
         position_ids = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)
         labels = np.where(position_ids == 0, -100, ids)  # a segment's first token is never predicted across a seam
+        if self.split_documents is False:
+            labels[np.repeat(src, lens) == PAD] = -100
         if self._any_mask:  # prompt tokens of instruction data carry no loss
             keep = np.ones(total, dtype=bool)
             pos = 0
             for s, start, n in segs:
-                if self._masks[s] is not None:
+                if s != PAD and self._masks[s] is not None:
                     keep[pos : pos + n] = self._masks[s][start : start + n].astype(bool)
                 pos += n
             labels[~keep] = -100

@@ -235,6 +235,7 @@ def _make_loader(ctx: RunContext, stage: StagePlan) -> tuple[PackedLoader, list[
         rank=ctx.dist.rank,
         world_size=ctx.dist.world_size,
         micro_batch=ctx.recipe.stages[stage.index].batch.micro,
+        split_documents=ctx.recipe.stages[stage.index].data.split_documents,
     )
     return loader, used
 
