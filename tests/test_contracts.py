@@ -42,6 +42,8 @@ def _fields(model: type[BaseModel], prefix: str = "") -> set[str]:
         ("### Source", _fields(schema.Source)),
         ("### Checkpoint", _fields(schema.CheckpointConfig)),
         ("### 1.1 Schedule", _fields(schema.ScheduleConfig)),
+        ("### 1.3 Monitor", _fields(schema.MonitorConfig)),
+        ("### 1.4 Averaging", _fields(schema.AverageConfig)),
         (
             "### Stage",
             (_fields(schema.Stage) - {"batch", "optimizer", "data", "eval", "schedule"})

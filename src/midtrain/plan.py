@@ -66,6 +66,14 @@ class Plan:
         return {"stages": [s.to_json() for s in self.stages], "warnings": self.warnings}
 
 
+_NOT_FINGERPRINTED = {"eval", "gate", "monitor"}  # they change what is measured, not what is trained
+
+
+def _unset_options(stage: Stage) -> set[str]:
+    """Unset later-added options stay out of the hash, so runs recorded before them keep their fingerprints."""
+    return {k for k in ("average", "seeds") if getattr(stage, k) is None}
+
+
 def _fingerprint(recipe: Recipe, stage: Stage, previous: str) -> str:
     """Identifies what a stage computes: its own settings, what it starts from, and the data it reads."""
     used = [s.model_dump(mode="json") for s in recipe.sources if s.name in stage.data.mixture]
@@ -74,7 +82,7 @@ def _fingerprint(recipe: Recipe, stage: Stage, previous: str) -> str:
         "tokenizer": recipe.tokenizer,
         "seed": recipe.seed,
         "precision": recipe.precision,
-        "stage": stage.model_dump(mode="json", exclude={"eval", "gate"}),
+        "stage": stage.model_dump(mode="json", exclude=_NOT_FINGERPRINTED | _unset_options(stage)),
         "sources": used,
         "previous": previous,
     }

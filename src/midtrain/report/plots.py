@@ -165,3 +165,23 @@ def task_bars(stages: Sequence[tuple[str, dict, dict]], path: Path) -> Path | No
     ax.set_title("Task scores before and after each stage")
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def gradient_noise_scale(series: dict[str, Rows], stages: Sequence[dict], path: Path) -> Path | None:
+    """B_simple = tr(Σ)/|G|² (tokens) over tokens, log scale; one line per run or seed branch (docs/MONITORING.md)."""
+    lines = {label: [(r["tokens"], r["gns"]) for r in rows if r.get("event") == "train" and "gns" in r
+                     and isinstance(r["gns"], (int, float)) and r["gns"] > 0]
+             for label, rows in series.items()}
+    lines = {label: pts for label, pts in lines.items() if pts}
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for label, pts in lines.items():
+        ax.plot(*zip(*pts), marker=".", linewidth=1, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("B_simple (tokens)")
+    ax.set_title("Gradient noise scale (critical batch ≈ B_simple)")
+    _boundaries(ax, stages)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
