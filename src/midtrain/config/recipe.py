@@ -222,6 +222,8 @@ class Recipe(_Strict):
     precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
     distributed: Literal["none", "ddp", "fsdp2"] = "none"
     compile: bool = False
+    # recompute each decoder layer in backward: activation memory ~1/n_layers of the stored case for ~1.3x compute
+    activation_checkpointing: bool = False
     # flex_attention skips fully masked blocks of packed documents (GPU only: no CPU backward in torch 2.13).
     attention: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     sources: list[Source] = Field(default_factory=list)

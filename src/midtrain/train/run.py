@@ -364,6 +364,8 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
         ctx.metrics.write({"event": "stage_start", "step": state.global_step, "tokens": state.global_tokens,
                            "stage": stage.name, "init": stage.init, "lr": stage.lr_at_step(0)})
 
+    if recipe.activation_checkpointing:  # before wrapping: FSDP2 shards the checkpointed layers as they are
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_model(model.to(dist.device), recipe.distributed, dist)
     optimizer = build_optimizer(model, stage_cfg.optimizer, lr=stage.lr_at_step(state.stage_step))
     if optimizer_from is not None:
