@@ -110,3 +110,18 @@ def test_recipe_checks_for_average():
         Recipe.model_validate(_recipe(average={"kind": "ema", "start": "decy"}))
     with pytest.raises(ValueError, match="kind"):
         Recipe.model_validate(_recipe(average={"kind": "swa"}))
+
+
+def test_on_restore_rewinds_the_average_to_a_checkpoint(tmp_path):
+    """What a step-guard roll-back calls: the shadow and count return to the checkpoint's."""
+    from safetensors.torch import save_file
+
+    averager, record = _run(AverageConfig(kind="tail", start=0), steps=4)
+    save_file(averager.tensors(), str(tmp_path / "average.safetensors"))
+    saved = {"average": averager.state()}
+    at_save = averager.shadow["w"].clone()
+    trainer = make_trainer(8, 0.05, [averager], optimizer="adamw")
+    trainer.fit()
+    assert averager.count == 12 and not torch.equal(averager.shadow["w"], at_save)
+    averager.on_restore(trainer, tmp_path, saved)
+    assert averager.count == 4 and torch.equal(averager.shadow["w"], at_save)

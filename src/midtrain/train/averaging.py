@@ -90,6 +90,10 @@ class WeightAverager(Callback):
         self.shadow = {n: saved[n].to("cpu" if self.on_cpu else p.device, torch.float32)
                        for n, p in _unique_params(model)}
 
+    def on_restore(self, trainer: Trainer, checkpoint: Path, saved: dict) -> None:
+        """The trainer went back to `checkpoint` (e.g. a step-guard roll-back): so does the average."""
+        self.load(checkpoint, trainer.model, saved.get("average"))
+
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Puts the averaged weights into the model (at the stage's end, after its final checkpoint)."""

@@ -55,6 +55,10 @@ class GradientNoiseScale(Callback):
         self.ema_g2, self.ema_tr_sigma = state.get("ema_g2"), state.get("ema_tr_sigma")
         self.measurements = int(state.get("measurements", 0))
 
+    def on_restore(self, trainer: Trainer, checkpoint, saved: dict) -> None:
+        """The trainer went back to `checkpoint` (e.g. a step-guard roll-back): continue the EMAs saved there."""
+        self.load_state_dict(saved.get("gns"))
+
     @property
     def b_simple(self) -> float:
         if self.ema_g2 is None or self.ema_tr_sigma is None or self.ema_g2 <= 0:
