@@ -61,3 +61,24 @@ def test_tiny_value_run_compares_candidate_and_control(tmp_path):
     for run in summary["runs"]:  # same seed, same tokens, same start in both arms
         r = json.loads((tmp_path / run["dir"] / "result.json").read_text())
         assert r["tokens"] == 1024 and r["seed"] == run["seed"] and r["base"] == "preset:tiny-llama"
+
+
+@pytest.mark.slow
+def test_worker_processes_train_the_same_proxy_as_in_process(tmp_path, monkeypatch):
+    """The process pool (workers=2) and the in-process path give bit-equal results for one proxy recipe."""
+    from midtrain.config import load_recipe
+    from midtrain.mix.proxy import Proxy, derive_recipe, run_proxies
+
+    monkeypatch.setenv("MIDTRAIN_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(write_recipe(tmp_path))
+
+    def proxy(name: str) -> Proxy:
+        data = derive_recipe(recipe, 0, mixture={"prose": 0.5, "math": 0.25, "code": 0.25}, tokens=1024,
+                             run_dir=tmp_path / name / "run", start=recipe.base, tasks=["loss"])
+        return Proxy(tmp_path / name, "warm", data)
+
+    [alone] = run_proxies([proxy("a")], workers=1, threads=1)
+    pooled = run_proxies([proxy("b"), proxy("c")], workers=2, threads=1)
+    assert all(r["metrics"] == alone["metrics"] for r in pooled)
+    assert alone["metrics"]["loss"] < alone["before"]["loss"]
+    assert "precision" in (tmp_path / "b" / "log.txt").read_text()  # a worker's output goes to its proxy's log

@@ -16,10 +16,10 @@ MODELS = ("linear", "quadratic", "kernel")
 
 
 def auto_model(n: int, k: int) -> str:
-    """quadratic once there are two proxies per coefficient (k weights + k(k+1)/2 products), else linear: with
-    fewer, the quadratic fit interpolates the proxies' noise (measured: a 4-proxy quadratic search predicts a
-    corner mixture that loses to uniform)."""
-    return "quadratic" if n >= 2 * (k + k * (k + 1) // 2) else "linear"
+    """quadratic once there are two proxies per coefficient, else linear. On the simplex (weights sum to 1) a
+    quadratic in k weights has k(k+1)/2 free coefficients; with fewer proxies than twice that the fit interpolates
+    their noise (measured: a 4-proxy quadratic search predicted a corner mixture that lost to uniform)."""
+    return "quadratic" if n >= k * (k + 1) else "linear"
 
 
 # --------------------------------------------------------------------------- sampling
