@@ -122,3 +122,17 @@ def test_clear_errors_for_unknown_stage_metric_and_bad_options(recipe_file, tmp_
     single = load_recipe(recipe_file, ["stages.warm.data.mixture={prose: 1}"])
     with pytest.raises(MixError, match="mixes one source"):
         run_search(single, recipe_file, SearchConfig(stage="warm", target="loss", proxies=4), tmp_path / "o")
+
+
+def test_a_souped_stage_gives_single_branch_proxies(recipe_file, tmp_path):
+    from midtrain.config import Stage
+
+    if "seeds" not in Stage.model_fields:
+        pytest.skip("this checkout has no stage seeds (souping)")
+    recipe = load_recipe(recipe_file, ["stages.anneal.seeds=[1, 2]"])
+    data = derive_recipe(recipe, 1, mixture={"prose": 1.0}, tokens=1024, run_dir=tmp_path / "p",
+                         start="preset:tiny-llama")
+    assert data["stages"][0]["seeds"] is None
+    path = tmp_path / "derived.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_recipe(path).stages[0].seeds is None

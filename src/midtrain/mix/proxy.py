@@ -101,6 +101,8 @@ def derive_recipe(recipe: Recipe, index: int, *, mixture: dict[str, float], toke
     stage["data"]["mixture"] = {k: float(v) for k, v in mixture.items() if v > 0}
     stage["data"]["replay"] = None  # already folded into the effective mixture the proxies perturb
     stage["gate"] = {}  # a proxy reports; it never stops on a gate
+    if stage.get("seeds"):  # a souped stage (K branches): a proxy is one branch, the recipe's seed
+        stage["seeds"] = None
     stage["eval"]["every_tokens"] = None
     if tasks is not None:
         stage["eval"]["tasks"] = list(tasks)
