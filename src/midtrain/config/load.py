@@ -34,8 +34,13 @@ def _line_map(text: str) -> dict[Loc, int]:
     """Maps each key path in a YAML document to its 1-based line."""
     lines: dict[Loc, int] = {}
 
+    seen: set[int] = set()
+
     def walk(node: yaml.Node, path: Loc) -> None:
         lines[path] = node.start_mark.line + 1
+        if id(node) in seen:  # an alias: its own lines were recorded where it was anchored
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 child = (*path, key.value)
@@ -51,6 +56,29 @@ def _line_map(text: str) -> dict[Loc, int]:
     return lines
 
 
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_size(root: yaml.Node | None) -> int:
+    """Nodes of the document with every alias expanded (a shared node counts each time it is used)."""
+    memo: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in memo:
+            return memo[id(node)]
+        memo[id(node)] = 1  # a recursive alias counts once
+        if isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(item) for item in node.value)
+        else:
+            n = 1
+        memo[id(node)] = n
+        return n
+
+    return size(root) if root is not None else 0
+
+
 def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -59,6 +87,10 @@ def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError([f"{path}: cannot read recipe ({exc})"]) from None
     try:
+        size = _expanded_size(yaml.compose(text))
+        if size > MAX_YAML_NODES:  # checked before anything walks the tree: a few aliases can expand exponentially
+            raise RecipeError([f"{path}: the recipe expands to {size:,} YAML nodes through anchors/aliases "
+                               f"(limit {MAX_YAML_NODES:,})"])
         data = yaml.safe_load(text)
         lines = _line_map(text)
     except yaml.YAMLError as exc:
@@ -66,6 +98,8 @@ def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError([f"{where}: invalid YAML: {problem}"]) from None
+    except RecursionError:
+        raise RecipeError([f"{path}: YAML nested too deeply"]) from None
     if not isinstance(data, dict):
         got = type(data).__name__
         raise RecipeError([f"{path}:1: the recipe must be a mapping of keys (base, stages, ...), got {got}"])

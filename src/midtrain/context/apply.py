@@ -163,7 +163,7 @@ def _raw_to_method(rope: dict[str, Any], spec_or_config: Any) -> tuple[str, dict
     if spec_or_config is not None and not isinstance(spec_or_config, RotarySpec):
         current = dict(getattr(spec_or_config, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", current.get("rope_type", "default"))
-    if rope_type not in HF_ROPE_KEYS:
+    if not isinstance(rope_type, str) or rope_type not in HF_ROPE_KEYS:
         issues.append(
             (
                 "error",
@@ -215,7 +215,7 @@ def validate_rope(
     issues: list[Issue] = []
     if "method" in rope:
         method = rope["method"]
-        if method not in METHODS:
+        if not isinstance(method, str) or method not in METHODS:
             return [("error", f"rope.method: unknown method {method!r} (known: {', '.join(METHODS)})")]
         raw = {k: v for k, v in rope.items() if k != "method"}
         known = set(method_params(method))

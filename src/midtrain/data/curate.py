@@ -26,6 +26,7 @@ from typing import Any
 from datatrove.data import Document as DTDocument
 from datatrove.pipeline.base import PipelineStep
 
+from midtrain import faults
 from midtrain.config import Recipe
 from midtrain.config.recipe import CurationConfig
 from midtrain.data.prepare import curated_dir, curated_sources, run_dir_of
@@ -47,6 +48,7 @@ class SourceReader(PipelineStep):
         for i, doc in enumerate(iter_documents(self.path, self.text_field, skips)):
             if i % world_size != rank:
                 continue
+            faults.point("curate.mid_write")  # test-only: a kill while the filter job writes its outputs
             with self.track_time():
                 self.stat_update("documents")
                 yield DTDocument(text=doc.text, id=str(i), metadata={"location": doc.location})

@@ -264,6 +264,12 @@ def check_text(text: object, location: str, skips: SkipReport) -> str | None:
     if not text.strip():
         skips.add("empty", location)
         return None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape: no tokenizer can take it
+            skips.add("non_utf8", location)
+            return None
     return text
 
 

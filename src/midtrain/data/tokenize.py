@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from midtrain import faults
 from midtrain.data.decontam import Decontaminator
 from midtrain.data.errors import DataError
 from midtrain.data.instruct import InstructionFormat, SkipRecord, encode_record
@@ -207,6 +208,24 @@ def _fsync_write(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
+def _remove_stale_temps(directory: Path, fp: str) -> None:
+    """Temp dirs of this fingerprint left by dead processes (killed mid-write): never loaded, only taking space."""
+    for tmp in directory.glob(f".{fp}.tmp-*") if directory.is_dir() else []:
+        pid = tmp.name.removeprefix(f".{fp}.tmp-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def tokenize_source(
     name: str,
     path: Path | str,
@@ -241,6 +260,7 @@ def tokenize_source(
     skips = SkipReport()
     if decontaminator is not None:
         decontaminator.reset_counts()
+    _remove_stale_temps(root / "tok", fp)
     tmp = root / "tok" / f".{fp}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
 
@@ -275,6 +295,7 @@ def tokenize_source(
                             continue
                         writer.add(digest_of(text), (np.array(head + ids + tail, dtype=dtype), None))
                     batch.clear()
+                    faults.point("tokenize.mid_write")  # test-only: tokens.bin partly written, meta.json not
 
                 for doc in iter_documents(path, text_field, skips):
                     text = clean(doc.text, doc.location)

@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from midtrain import faults
 from midtrain.io import fsync_dir, fsync_tree
 from midtrain.model.presets import check_rope_support
 
@@ -146,7 +147,8 @@ def save_hf_checkpoint(
         state_dict = inner.state_dict()
     state_dict = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state_dict.items()}
 
-    shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed export by a process with our pid
+    for stale in out.parent.glob(f"{out.name}.tmp-*") if out.parent.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)  # leftovers of crashed exports (one writer per run dir: the lock)
     tmp.mkdir(parents=True)
     saved = {k: getattr(config, k, None) for k in ("use_cache", "dtype", "architectures")}
     try:
@@ -161,6 +163,7 @@ def save_hf_checkpoint(
     if extra is not None:
         (tmp / "midtrain.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
     fsync_tree(tmp)
+    faults.point("export.mid_write")  # test-only: export complete in its temp dir, not yet in place
 
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
