@@ -114,3 +114,41 @@ def test_save_failure_removes_the_partial_and_keeps_the_previous(tmp_path, monke
     assert "disk full (ENOSPC)" in message and "step-4.tmp-" in message and "step-2 is intact" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2"]
     ckpt.verify(tmp_path / "step-2")
+
+
+@pytest.mark.slow
+def test_a_fault_that_keeps_coming_back_stops_after_max_rollbacks(tmp_path, monkeypatch):
+    """NaN logits from the 5th training forward on: step 5 rolls back to 4 and is skipped on replay, step 6 rolls
+    back to 4 too; both skipped, step-6 is saved; step 7 would be a 3rd roll-back: the run stops with a clear error
+    instead of looping (in-process; the tiny recipe, a checkpoint every 2 steps)."""
+    import math
+
+    import midtrain.train.run as run_module
+    from midtrain.config import load_recipe
+    from midtrain.train.rollback import RollbackError
+    from midtrain.train.run import RunOptions, run
+
+    from ..train.tiny import write_recipe
+
+    real, calls = run_module.forward_packed, {"n": 0}
+
+    def forward(model, batch, **kw):
+        logits = real(model, batch, **kw)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] >= 5:
+                return logits * math.nan
+        return logits
+
+    monkeypatch.setattr(run_module, "forward_packed", forward)
+    monkeypatch.setenv("MIDTRAIN_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(write_recipe(tmp_path, warm_tokens=4096, anneal_tokens=512, every=1024),
+                         [f"run_dir={tmp_path / 'run'}", "stages.warm.batch.micro=null",
+                          "step_guard.on_fault=rollback", "step_guard.max_rollbacks=2"])
+    with pytest.raises(RollbackError, match=r"step 7 nonfinite after 2 roll-backs .*checkpoints/warm/step-6"):
+        run(recipe, RunOptions(progress=False))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["fault_step"], r["to_step"]) for r in rows if r["event"] == "rollback"] == [(5, 4), (6, 4)]
+    train = [r for r in rows if r["event"] == "train"]
+    assert [(r["step"], r.get("skipped")) for r in train] == [(1, None), (2, None), (3, None), (4, None),
+                                                             (5, "rollback"), (6, "rollback")]
