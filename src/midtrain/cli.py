@@ -51,25 +51,33 @@ def escape(text: str) -> str:
 
 
 def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False, wandb: bool = False,
-         override_gates: tuple[str, ...] = ()):
+         override_gates: tuple[str, ...] = (), fallback_checkpoint: bool = False):
     from midtrain.data import DataError
     from midtrain.train import checkpoint
     from midtrain.train.preemption import EXIT_PREEMPTED, Preempted
+    from midtrain.train.rollback import RollbackError
     from midtrain.train.run import RunError, RunOptions, run
     from midtrain.train.runlock import RunLockError
     from midtrain.train.stage_eval import EXIT_GATE, GateFailed
 
     try:
         options = RunOptions(force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
-                             console=console, override_gates=override_gates)
+                             console=console, override_gates=override_gates,
+                             fallback_checkpoint=fallback_checkpoint)
         return run(recipe, options)
     except GateFailed as exc:
         _fail(escape(str(exc)), EXIT_GATE)
     except Preempted as exc:
         err.print(f"[bold yellow]preempted:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_PREEMPTED) from None
-    except (RunError, RunLockError, DataError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (RunError, RunLockError, DataError, checkpoint.CheckpointError, FileNotFoundError, ValueError,
+            RollbackError) as exc:
         _fail(escape(str(exc)), EXIT_RUN)
+    except OSError as exc:
+        if exc.errno not in checkpoint.DISK_FULL:
+            raise
+        _fail(escape(checkpoint.write_error(exc, Path(recipe.run_dir)) + "; free space and run the same command "
+                     "to resume"), EXIT_RUN)
 
 
 @app.command()
@@ -84,11 +92,13 @@ def run(
     override_gate: Annotated[Optional[list[str]], typer.Option(
         "--override-gate", help="Accept STAGE's failed gate and go on (repeatable; recorded in its eval).",
         show_default=False)] = None,
+    fallback_checkpoint: Annotated[bool, typer.Option(
+        help="If the newest checkpoint fails its checksum, resume from the previous good one.")] = False,
 ) -> None:
     """Run a recipe, or resume it from its run directory's newest checkpoint. Exit 3: a stage failed its gate."""
     loaded = _load(recipe, set_)
     ctx = _run(loaded, force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
-               override_gates=tuple(override_gate or ()))
+               override_gates=tuple(override_gate or ()), fallback_checkpoint=fallback_checkpoint)
     if ctx.dist.is_main:
         _print_summary(ctx.run_dir, [s.name for s in ctx.plan.stages])
 
@@ -190,6 +200,7 @@ from midtrain.context.cli import rope_app  # noqa: E402
 from midtrain.data.cli import data_app  # noqa: E402
 from midtrain.eval.cli import eval_command  # noqa: E402
 from midtrain.merge.cli import merge_command  # noqa: E402
+from midtrain.mix.cli import mix_app  # noqa: E402
 from midtrain.report.cli import report_command  # noqa: E402
 
 app.command("eval")(eval_command)
@@ -197,6 +208,7 @@ app.command("report")(report_command)
 app.command("merge")(merge_command)
 app.add_typer(data_app, name="data")
 app.add_typer(rope_app, name="rope")
+app.add_typer(mix_app, name="mix")
 
 
 def main() -> None:

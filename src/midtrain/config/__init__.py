@@ -4,6 +4,7 @@ from midtrain.config.load import RecipeError, apply_overrides, dump_recipe, load
 from midtrain.config.recipe import (
     BatchConfig,
     CheckpointConfig,
+    ConvertConfig,
     DataConfig,
     EvalConfig,
     OptimizerConfig,
@@ -16,7 +17,7 @@ from midtrain.config.recipe import (
 )
 
 __all__ = [
-    "BatchConfig", "CheckpointConfig", "DataConfig", "EvalConfig", "OptimizerConfig", "Recipe", "RecipeError",
-    "ScheduleConfig", "Source", "Stage", "apply_overrides", "dump_recipe", "load_recipe", "parse_tokens",
-    "recipe_problems",
+    "BatchConfig", "CheckpointConfig", "ConvertConfig", "DataConfig", "EvalConfig", "OptimizerConfig",
+    "Recipe", "RecipeError", "ScheduleConfig", "Source", "Stage", "apply_overrides", "dump_recipe", "load_recipe",
+    "parse_tokens", "recipe_problems",
 ]

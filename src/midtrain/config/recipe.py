@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SUFFIX = {"k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "b": 1e9, "B": 1e9, "t": 1e12, "T": 1e12}
@@ -119,6 +119,10 @@ class StepGuardConfig(_Strict):
 
     skip_nonfinite: bool = True
     spike_factor: float | None = Field(None, gt=1)  # e.g. 3: skip when loss > 3 x EMA(loss); null = off
+    # skip: the bad step's update is skipped; rollback: restore the stage's newest good checkpoint and replay with the
+    # offending batch skipped (midtrain.train.rollback). Either way the batch counts as consumed.
+    on_fault: Literal["skip", "rollback"] = "skip"
+    max_rollbacks: int = Field(3, ge=1)  # roll-backs per stage attempt before the run stops with an error
 
 
 class BatchConfig(_Strict):
@@ -184,6 +188,68 @@ class EvalConfig(_Strict):
     haystack: str = "pydoc"  # noise | pydoc | a local .txt/.jsonl file or directory
 
 
+class MonitorConfig(_Strict):
+    """Training monitors (docs/MONITORING.md). Stage-level `monitor` replaces the run-level one for that stage."""
+
+    gns_every_steps: int | None = Field(None, ge=1)  # gradient noise scale every N steps; null = off
+    gns_ema: float = Field(0.95, gt=0, lt=1)  # EMA decay of the |G|^2 and tr(Sigma) estimates (smoothed apart)
+
+
+def _parse_average_start(value: Any) -> str | int:
+    if value == "decay":
+        return value
+    try:
+        return parse_tokens(value)
+    except ValueError:
+        raise ValueError(f"expected 'decay' or a token count of the stage like 2M, got {value!r}") from None
+
+
+class AverageConfig(_Strict):
+    """Weight averaging over the stage's last phase (docs/AVERAGING.md); the stage's export holds the average."""
+
+    kind: Literal["ema", "tail"]
+    decay: float = Field(0.999, gt=0, lt=1)  # ema only: shadow <- decay * shadow + (1 - decay) * weights
+    # "decay": from the schedule's decay start (WSD); or stage tokens after which steps are averaged.
+    start: Annotated[str | int, BeforeValidator(_parse_average_start)] = "decay"
+    device: Literal["model", "cpu"] = "model"  # where the fp32 shadow lives: the weights' device, or host memory
+
+
+_GQA_KEYS = frozenset({"num_key_value_heads"})
+_MOE_KEYS = frozenset({"num_experts", "top_k", "router_aux_loss_coef", "router_init", "router_init_std"})
+
+
+class ConvertConfig(_Strict):
+    """Architecture conversion of a stage's start model before it trains (docs/CONVERSION.md).
+
+    gqa: key/value heads mean-pooled into `num_key_value_heads` groups. moe: sparse upcycling into a Mixtral model
+    with `num_experts` copies of the MLP and a new top-k router. Model-dependent checks run at launch.
+    """
+
+    kind: Literal["gqa", "moe"]
+    num_key_value_heads: int | None = Field(None, ge=1)
+    num_experts: int | None = Field(None, ge=2)
+    top_k: int | None = Field(None, ge=1)
+    router_aux_loss_coef: float = Field(0.01, ge=0)  # weight of the load-balancing loss the trainer adds
+    router_init: Literal["normal", "zeros"] = "normal"  # zeros: every token picks experts 0..k-1 at first
+    router_init_std: float | None = Field(None, gt=0)  # null = the model's initializer_range
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> ConvertConfig:
+        other = _MOE_KEYS if self.kind == "gqa" else _GQA_KEYS
+        misplaced = sorted(self.model_fields_set & other)
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)} {'does' if len(misplaced) == 1 else 'do'} not apply to kind "
+                             f"{self.kind}")
+        if self.kind == "gqa" and self.num_key_value_heads is None:
+            raise ValueError("kind gqa needs num_key_value_heads")
+        if self.kind == "moe":
+            if self.num_experts is None or self.top_k is None:
+                raise ValueError("kind moe needs num_experts and top_k")
+            if self.top_k > self.num_experts:
+                raise ValueError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
+        return self
+
+
 class Stage(_Strict):
     name: Name
     tokens: Tokens = Field(gt=0)
@@ -197,6 +263,11 @@ class Stage(_Strict):
     rope: dict[str, Any] | None = None
     eval: EvalConfig = EvalConfig()
     gate: dict[str, str] = Field(default_factory=dict)
+    # Architecture conversion of the stage's start model before it trains (docs/CONVERSION.md).
+    convert: ConvertConfig | None = None
+    monitor: MonitorConfig | None = None  # null = the run-level `monitor`
+    average: AverageConfig | None = None  # EMA / tail average of the weights: the stage exports the average
+    seeds: list[Annotated[int, Field(ge=0)]] | None = None  # K branches (data orders), souped into the stage's export
 
     @field_validator("start_lr")
     @classmethod
@@ -233,6 +304,7 @@ class Recipe(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     step_guard: StepGuardConfig = StepGuardConfig()
     log_every_steps: int = Field(1, ge=1)
+    monitor: MonitorConfig = MonitorConfig()  # default for every stage without its own `monitor`
     stages: list[Stage] = Field(min_length=1)
 
     @field_validator("precision", mode="before")
@@ -269,6 +341,9 @@ class Recipe(_Strict):
         for k, v in self.effective_mixture(names.index(target)).items():
             mixed[k] = mixed.get(k, 0.0) + f * v
         return {k: v for k, v in mixed.items() if v > 0}
+
+    def stage_monitor(self, index: int) -> MonitorConfig:
+        return self.stages[index].monitor or self.monitor
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -336,6 +411,7 @@ def recipe_problems(recipe: Recipe) -> list[Problem]:
     from midtrain.context import stage_rope_issues  # the model-independent checks; run() adds the base's spec
 
     problems += stage_rope_issues(recipe.stages)[0]
+    problems += _averaging_problems(recipe)
     first = recipe.stages[0]
     if first.start_lr == "from_previous":
         problems.append(
@@ -356,4 +432,40 @@ def recipe_problems(recipe: Recipe) -> list[Problem]:
     from midtrain.eval.gates import stage_eval_problems  # tasks, lengths and gate conditions (no torch)
 
     problems += stage_eval_problems(recipe)
+    return problems
+
+
+def _averaging_problems(recipe: Recipe) -> list[Problem]:
+    """monitor / average / seeds: what each needs from the stage (docs/MONITORING.md, docs/AVERAGING.md)."""
+    problems: list[Problem] = []
+    for i, stage in enumerate(recipe.stages):
+        at = ("stages", i)
+        gns_every = recipe.stage_monitor(i).gns_every_steps
+        where = (*at, "monitor") if stage.monitor else ("monitor",)
+        if gns_every is not None:
+            micro = stage.batch.micro
+            if micro is None or 2 * micro > stage.seqs_per_step:
+                problems.append(((*where, "gns_every_steps"), "needs at least 2 micro-batches per step: set "
+                                 f"stages.{stage.name}.batch.micro to at most half of its {stage.seqs_per_step} "
+                                 "sequences per step"))
+            if gns_every % recipe.log_every_steps:
+                problems.append(((*where, "gns_every_steps"), f"must be a multiple of log_every_steps "
+                                 f"({recipe.log_every_steps}), or the measured rows are not logged"))
+        avg = stage.average
+        if avg is not None:
+            if avg.kind == "tail" and "decay" in avg.model_fields_set:
+                problems.append(((*at, "average", "decay"), "applies to kind ema only (tail is a plain mean)"))
+            if avg.start == "decay" and stage.schedule.kind == "constant":
+                problems.append(((*at, "average", "start"), "'decay' needs a decaying schedule (this stage's is "
+                                 "constant): give a token count"))
+            if isinstance(avg.start, int) and avg.start >= stage.tokens:
+                problems.append(((*at, "average", "start"), f"must be below the stage's tokens ({stage.tokens})"))
+        if stage.seeds is not None:
+            if len(stage.seeds) < 2 or len(set(stage.seeds)) != len(stage.seeds):
+                problems.append(((*at, "seeds"), f"needs at least 2 distinct seeds to soup, got {stage.seeds}"))
+            if recipe.stage_init(i) == "scratch":
+                problems.append(((*at, "seeds"), "branches must share their start weights: not with init scratch"))
+        if recipe.distributed == "fsdp2" and (gns_every is not None or avg is not None):
+            problems.append(((*at, "average" if avg else "monitor"), "not supported with distributed: fsdp2 yet "
+                             "(use ddp)"))
     return problems

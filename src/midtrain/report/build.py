@@ -122,6 +122,11 @@ def write_report(run_dir: str | Path) -> Path:
     doc.image(plots.loss_curves(rows, stages, plot_dir / "loss.png"), run_dir, "loss per domain over tokens")
     doc.image(plots.lr_and_mixture(rows, stages, plot_dir / "lr_mixture.png"), run_dir,
               "learning rate and mixture shares over tokens")
+    gns_series = {"run": rows, **{f"{d.parent.name} {d.name}": _rows(d) for d in _branch_dirs(run_dir, stages)}}
+    doc.image(plots.gradient_noise_scale(gns_series, stages, plot_dir / "gns.png"), run_dir,
+              "gradient noise scale B_simple over tokens")
+
+    _faults_section(doc, rows)
 
     doc.heading("Before / after each stage")
     for name, (before, after) in evals.items():
@@ -136,6 +141,8 @@ def write_report(run_dir: str | Path) -> Path:
                    **(after or {}).get("details", {}).get("skipped", {})}
         if skipped:
             doc.para("Skipped: " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
+
+    _variants_section(doc, run_dir, stages, evals)
 
     doc.heading("Gates")
     gate_rows = []
@@ -217,3 +224,56 @@ def _data_section(doc: _Doc, run_dir: Path) -> None:
         rows = [[k, _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(v)[:160]] for k, v in data.items()]
         doc.para(file.name)
         doc.table(["key", "value"], rows[:30])
+
+
+def _faults_section(doc: _Doc, rows: list[dict]) -> None:
+    """Steps whose update the step guard skipped and roll-backs, with the documents of each skipped batch."""
+    faults = [r for r in rows if (r.get("event") == "train" and r.get("skipped")) or r.get("event") == "rollback"]
+    if not faults:
+        return
+    doc.heading("Training faults")
+
+    def docs(r: dict) -> str:
+        listed = r.get("skipped_docs") or {}
+        return "; ".join(f"{src}: {', '.join(map(str, ids[:8]))}{' …' if len(ids) > 8 else ''} ({len(ids)})"
+                         for src, ids in sorted(listed.items()))
+
+    doc.table(["step", "stage", "event", "reason", "loss", "documents (source: ids in its token cache)"],
+              [[str(r.get("fault_step", r["step"])), str(r.get("stage")), "rollback" if r["event"] == "rollback"
+                else "skipped", str(r.get("skipped")) if r["event"] == "train" else
+                f"{r.get('reason')}, back to step {r.get('to_step')}", _fmt(r.get("loss")), docs(r)]
+               for r in faults])
+
+
+def _branch_dirs(run_dir: Path, stages: list[dict]) -> list[Path]:
+    """`stages/<stage>/seed-<k>/` of souped stages, in stage then seed order."""
+    out = []
+    for st in stages:
+        found = (run_dir / "stages" / st["name"]).glob("seed-*")
+        out += sorted((d for d in found if d.name[5:].isdigit()), key=lambda d: int(d.name[5:]))
+    return out
+
+
+def _variants_section(doc: _Doc, run_dir: Path, stages: list[dict], evals: dict) -> None:
+    """Per stage with `seeds` or `average`: its export's after-eval next to each seed branch's and the raw weights'
+    (docs/AVERAGING.md), so souping and averaging show what they bought."""
+    for st in stages:
+        name, after = st["name"], evals[st["name"]][1]
+        columns: dict[str, dict] = {}
+        for d in _branch_dirs(run_dir, [st]):
+            for file, label in (("eval.json", d.name), ("eval.raw.json", f"{d.name} raw")):
+                record = _read_json(d / file)
+                if record:
+                    columns[label] = record.get("metrics", {})
+        raw = _read_json(run_dir / "eval" / f"{name}.raw.json")
+        if raw:
+            columns["raw (not averaged)"] = raw.get("metrics", {})
+        if not columns or not after:
+            continue
+        final = after.get("metrics", {})
+        label = "soup" if any(k.startswith("seed-") for k in columns) else "averaged"
+        doc.heading(f"Stage {name}: {label} vs its parts")
+        keys = sorted({*final, *(k for m in columns.values() for k in m)})
+        doc.table(["metric", label, *columns], [[k, _fmt(final.get(k)), *(_fmt(m.get(k)) for m in columns.values())]
+                                                 for k in keys])
+

@@ -7,16 +7,19 @@ keyed by parameter name, so a checkpoint written by 2 ranks resumes on 1 and vic
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
+import resource
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -27,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from midtrain import faults
 from midtrain.io import fsync_dir, fsync_tree, sha256_file
 from midtrain.train.distributed import barrier
 
@@ -92,26 +96,36 @@ def save_checkpoint(
     is_main: bool,
     keep_last: int,
     protect: tuple[int, ...] = (),
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Collective: every rank calls it (FSDP gathers shards); rank 0 writes. Returns the final directory."""
+    """Collective: every rank calls it (FSDP gathers shards); rank 0 writes. Returns the final directory.
+
+    `extra_tensors` ({file name: tensors}) are written as further safetensors files (e.g. averaged weights).
+    """
     weights = model_state(model)
     optim = optimizer_state(model, optimizer) if optimizer is not None else None
     final = root / f"step-{global_step}"
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f"step-{global_step}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        if optim is not None:
-            torch.save(optim, tmp / OPTIM_FILE)
-        torch.save(rng_state(), tmp / RNG_FILE)
-        with open(tmp / STATE_FILE, "w") as fh:
-            json.dump(trainer_state, fh, indent=2)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
-        with open(tmp / MANIFEST, "w") as fh:
-            json.dump({"global_step": global_step, "files": files}, fh, indent=2)
-        fsync_tree(tmp)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+            if optim is not None:
+                torch.save(optim, tmp / OPTIM_FILE)
+            faults.point("ckpt.mid_write")  # test-only: shards written, manifest not
+            torch.save(rng_state(), tmp / RNG_FILE)
+            with open(tmp / STATE_FILE, "w") as fh:
+                json.dump(trainer_state, fh, indent=2)
+            for name, tensors in (extra_tensors or {}).items():
+                save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            write_manifest(tmp, global_step)
+            fsync_tree(tmp)
+        except (OSError, RuntimeError, SafetensorError) as exc:  # torch/safetensors report ENOSPC as their own
+            message = _save_failed(exc, root, tmp, global_step)  # errors; the previous checkpoint is untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(message) from None
         if final.exists():  # a re-run that reached the same step: the new one replaces it whole
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -119,6 +133,48 @@ def save_checkpoint(
         prune(root, keep_last, protect=(*protect, global_step))
     barrier()
     return final
+
+
+def write_manifest(directory: Path, global_step: int) -> None:
+    """Sizes and sha256 of every file in `directory`; written last, it marks the checkpoint complete."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(directory.iterdir())}
+    with open(directory / MANIFEST, "w") as fh:
+        json.dump({"global_step": global_step, "files": files}, fh, indent=2)
+
+
+DISK_FULL = {errno.ENOSPC: "disk full (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+             errno.EFBIG: "file size limit exceeded (EFBIG)"}
+
+
+def write_error(exc: BaseException, where: Path) -> str:
+    """`PATH: disk full (ENOSPC)` and the like: why a write under `where` failed, naming the path.
+
+    torch.save and safetensors turn a full disk into their own errors ("unexpected pos", "os error 28"), so those
+    are diagnosed from the file system: free space, and the process's file-size limit against the file written.
+    """
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return f"{exc.filename or where}: {DISK_FULL[exc.errno]}"
+    written = max((p for p in where.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime_ns, default=None) \
+        if where.is_dir() else None
+    path = written or where
+    text = str(exc)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+    except OSError:
+        free = None
+    if "os error 28" in text or "No space left" in text or (free is not None and free < 1 << 20):
+        return f"{path}: disk full (ENOSPC; {free} bytes free)"
+    if "os error 27" in text or (limit != resource.RLIM_INFINITY and written and written.stat().st_size >= limit):
+        return f"{path}: file size limit exceeded (EFBIG; RLIMIT_FSIZE = {limit} bytes)"
+    return f"{path}: write failed ({type(exc).__name__}: {text})"
+
+
+def _save_failed(exc: BaseException, root: Path, tmp: Path, step: int) -> str:
+    previous = latest_checkpoint(root)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+    return (f"{write_error(exc, tmp)} while saving checkpoint step-{step}; the partial checkpoint was removed and "
+            f"{kept}; free space and run the same command to resume")
 
 
 def prune(root: Path, keep_last: int, protect: tuple[int, ...] = ()) -> None:
@@ -150,15 +206,42 @@ def latest_checkpoint(root: Path) -> Path | None:
     return root / f"step-{steps[-1]}" if steps else None
 
 
+def resume_point(root: Path, *, fallback: bool = False, before: int | None = None) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint under `root` (with step < `before`) whose files match their manifest.
+
+    A corrupted newest checkpoint is an error naming the file; with `fallback` older ones are tried instead, and the
+    problems found come back with the checkpoint used (None when none verifies: the stage starts over, which the
+    caller reports).
+    """
+    problems: list[str] = []
+    for step in reversed(complete_steps(root)):
+        if before is not None and step >= before:
+            continue
+        path = root / f"step-{step}"
+        try:
+            verify(path)
+            return path, problems
+        except CheckpointError as exc:
+            if not fallback:
+                raise CheckpointError(f"{exc}; run again with --fallback-checkpoint to resume from the previous "
+                                      "good checkpoint") from None
+            problems.append(str(exc))
+    return None, problems
+
+
 def verify(path: Path) -> dict:
     """Checks every file against the manifest; a mismatch is an error naming the file."""
     manifest_path = path / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)):
+        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest")
     for name, meta in manifest["files"].items():
         file = path / name
+        if "/" in name or name.startswith(".") or not isinstance(meta, dict):  # its own files only
+            raise CheckpointError(f"{manifest_path}: bad file name or entry {name!r}")
         if not file.is_file():
             raise CheckpointError(f"{file}: listed in the manifest but missing")
         if file.stat().st_size != meta["bytes"] or sha256_file(file) != meta["sha256"]:

@@ -31,9 +31,12 @@ from midtrain.model import (
     save_hf_checkpoint,
     unwrap_model,
 )
+from midtrain.model.convert import with_router_aux_loss
 from midtrain.plan import Plan, StagePlan, build_plan
 from midtrain.train import checkpoint as ckpt
 from midtrain.train import stage_eval
+from midtrain.train.averaging import FILE as AVERAGE_FILE
+from midtrain.train.averaging import WeightAverager, raw_export_dir
 from midtrain.train.callbacks import (
     Every,
     MetricsWriter,
@@ -43,9 +46,11 @@ from midtrain.train.callbacks import (
     truncate_metrics,
 )
 from midtrain.train.distributed import DistInfo, barrier, init_distributed, wrap_model
+from midtrain.train.gns import GradientNoiseScale
 from midtrain.train.optim import build_optimizer
 from midtrain.train.precision import resolve_precision
 from midtrain.train.preemption import Preempted, PreemptionGuard, StopOnSignal
+from midtrain.train.rollback import DocumentLedger, Rollback, forced_skips_of
 from midtrain.train.runlock import RunLock
 from midtrain.train.trainer import Trainer, TrainerState
 
@@ -65,6 +70,7 @@ class RunOptions:
     console: object | None = None  # a rich Console for progress bars
     progress: bool = True
     override_gates: tuple[str, ...] = ()  # stages whose failed gate is accepted (`--override-gate`)
+    fallback_checkpoint: bool = False  # a corrupted newest checkpoint: resume from the previous good one
 
 
 @dataclass
@@ -93,7 +99,17 @@ class RunContext:
         return self.run_dir / "checkpoints" / stage.name
 
     def eval_path(self, stage: StagePlan, when: str) -> Path:
+        if when == "raw":  # the un-averaged weights of a stage with `average` (docs/AVERAGING.md)
+            return self.run_dir / "eval" / f"{stage.name}.raw.json"
         return self.run_dir / "eval" / (f"{stage.name}-before.json" if when == "before" else f"{stage.name}.json")
+
+    def evaluates_start(self, stage: StagePlan) -> bool:
+        """Whether a fresh start of `stage` writes its before-eval (a seed branch leaves that to its stage)."""
+        return True
+
+    def new_loader(self, stage: StagePlan, sources: list, weights: list, **kwargs) -> PackedLoader:
+        """The stage's loader (a seed branch reorders its documents: midtrain.train.branches)."""
+        return PackedLoader(sources, weights, seed=self.recipe.seed, **kwargs)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -178,8 +194,12 @@ def _tokenize_all(recipe: Recipe, tokenizer, dist: DistInfo) -> list[TokenizedSo
 # --------------------------------------------------------------------------- model / state for a stage
 
 
-def _initial_model(ctx: RunContext, stage: StagePlan):
-    """The stage's starting weights: base, previous export, or a fresh init; then the stage's RoPE setting."""
+def _initial_model(ctx: RunContext, stage: StagePlan, *, resuming: bool = False, conversions: list | None = None):
+    """The stage's starting weights: base, previous export, or a fresh init; then its conversion and RoPE setting.
+
+    A stage with `convert` trains the converted model; when `resuming`, only the converted architecture is built (its
+    own checkpoint holds the weights), and each conversion's report is appended to `conversions`.
+    """
     recipe, seed = ctx.recipe, ctx.recipe.seed + stage.index
     if stage.index == 0 or stage.init == "scratch":
         if recipe.base.startswith("preset:"):
@@ -209,6 +229,17 @@ def _initial_model(ctx: RunContext, stage: StagePlan):
             f"tokenizer has {len(ctx.tokenizer)} tokens but the model's embedding has "
             f"{model.get_input_embeddings().num_embeddings}"
         )
+    spec = recipe.stages[stage.index].convert
+    if spec is not None:  # docs/CONVERSION.md
+        from midtrain.model.convert import convert_model, converted_skeleton
+
+        if resuming:
+            model = converted_skeleton(model, spec, seed=seed)
+        else:
+            probe = _heldout_batches(ctx, stage)[:1]
+            model, report = convert_model(model, spec, seed=seed, probe=probe[0] if probe else None)
+            if conversions is not None:
+                conversions.append(report)
     apply_rope(model, recipe.stages[stage.index].rope)
     model.set_attn_implementation(recipe.attention)
     model.config.use_cache = False
@@ -226,12 +257,12 @@ def _previous_final(ctx: RunContext, stage: StagePlan) -> Path:
 def _make_loader(ctx: RunContext, stage: StagePlan) -> tuple[PackedLoader, list[int]]:
     names = [s.name for s in ctx.recipe.sources]
     used = [names.index(n) for n in stage.mixture]
-    loader = PackedLoader(
+    loader = ctx.new_loader(
+        stage,
         [ctx.sources[i] for i in used],
         [stage.mixture[names[i]] for i in used],
         seq_len=stage.seq_len,
         global_batch_seqs=stage.seqs_per_step,
-        seed=ctx.recipe.seed,
         rank=ctx.dist.rank,
         world_size=ctx.dist.world_size,
         micro_batch=ctx.recipe.stages[stage.index].batch.micro,
@@ -296,7 +327,7 @@ def _write_report(ctx: RunContext) -> None:
         print_main(ctx, f"warning: could not write the report: {type(exc).__name__}: {exc}")
 
 
-def _export(ctx: RunContext, stage: StagePlan, model, state: TrainerState) -> None:
+def _export(ctx: RunContext, stage: StagePlan, model, state: TrainerState, out: Path | None = None) -> None:
     """Collective: gathers full weights (FSDP), rank 0 writes the HF checkpoint plus a probe for round-trip checks."""
     weights = ckpt.model_state(model)
     if not ctx.dist.is_main:
@@ -317,7 +348,7 @@ def _export(ctx: RunContext, stage: StagePlan, model, state: TrainerState) -> No
         "last_lr": state.last_lr,
         "fingerprint": stage.fingerprint,
     }
-    out = save_hf_checkpoint(plain, ctx.tokenizer, ctx.export_dir(stage), extra=extra)
+    out = save_hf_checkpoint(plain, ctx.tokenizer, out or ctx.export_dir(stage), extra=extra)
     save_file({"input_ids": probe_ids, "logits": probe_logits}, str(out / PROBE_FILE))
     barrier()
 
@@ -327,15 +358,18 @@ def _export(ctx: RunContext, stage: StagePlan, model, state: TrainerState) -> No
 
 def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None = None) -> TrainerState:
     recipe, dist, stage_cfg = ctx.recipe, ctx.dist, ctx.recipe.stages[stage.index]
-    latest = ckpt.latest_checkpoint(ctx.ckpt_root(stage))
-    model = _initial_model(ctx, stage)
+    latest, rejected = ckpt.resume_point(ctx.ckpt_root(stage), fallback=ctx.options.fallback_checkpoint)
+    for problem in rejected:
+        instead = f"resuming from {latest}" if latest else f"no checkpoint verifies: stage {stage.name!r} starts over"
+        print_main(ctx, f"warning: {problem}; --fallback-checkpoint: {instead}")
+    conversions: list = []
+    model = _initial_model(ctx, stage, resuming=latest is not None, conversions=conversions)
     loader, used = _make_loader(ctx, stage)
     state = TrainerState(stage_step=0, global_step=stage.first_step, global_tokens=stage.first_tokens)
     optimizer_from: Path | None = None
     heldout = _heldout_batches(ctx, stage)
 
     if latest is not None:  # resume inside this stage
-        ckpt.verify(latest)
         saved = ckpt.read_trainer_state(latest)
         ckpt.load_weights(latest, model)
         loader.load_state_dict(saved["loader"])
@@ -360,7 +394,10 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
             if stage.init == "resume":
                 ckpt.load_rng(previous)
         source = str(ctx.export_dir(ctx.plan.stages[stage.index - 1])) if stage.index else recipe.base
-        _evaluate(ctx, stage, model.to(dist.device), heldout, "before", state, source)
+        for report in conversions:  # the before-eval below measures the converted model
+            _log_conversion(ctx, stage, state, report)
+        if ctx.evaluates_start(stage):
+            _evaluate(ctx, stage, model.to(dist.device), heldout, "before", state, source)
         ctx.metrics.write({"event": "stage_start", "step": state.global_step, "tokens": state.global_tokens,
                            "stage": stage.name, "init": stage.init, "lr": stage.lr_at_step(0)})
 
@@ -368,10 +405,22 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_model(model.to(dist.device), recipe.distributed, dist)
     optimizer = build_optimizer(model, stage_cfg.optimizer, lr=stage.lr_at_step(state.stage_step))
-    if optimizer_from is not None:
+    if optimizer_from is not None and stage_cfg.convert is not None and latest is None:
+        from midtrain.model.convert import load_optimizer_except_changed  # converted params restart their moments
+
+        load_optimizer_except_changed(optimizer_from / ckpt.OPTIM_FILE, model, optimizer)
+    elif optimizer_from is not None:
         ckpt.load_optimizer(optimizer_from, model, optimizer)
     if recipe.compile:
         model = torch.compile(model)
+    gns_every = recipe.stage_monitor(stage.index).gns_every_steps
+    gns = GradientNoiseScale(gns_every, recipe.stage_monitor(stage.index).gns_ema) if gns_every else None
+    averager = WeightAverager(stage_cfg.average, stage) if stage_cfg.average else None
+    if latest is not None:  # their state continues exactly where the checkpoint left it
+        if gns is not None:
+            gns.load_state_dict(saved.get("gns"))
+        if averager is not None:
+            averager.load(latest, model, saved.get("average"))
 
     saved_step = [-1]
 
@@ -384,10 +433,14 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
             "loader_cursors": loader.source_cursors(),
             "fingerprint": stage.fingerprint,
             "stage": stage.name,
+            **({"gns": gns.state_dict()} if gns is not None else {}),
+            **({"average": averager.state()} if averager is not None else {}),
+            "forced_skips": {str(k): v for k, v in trainer.forced_skips.items()},  # batches a rollback marked
         }
         final_step = stage.first_step + stage.steps
         ckpt.save_checkpoint(ctx.ckpt_root(stage), st.global_step, model, optimizer, trainer_json,
-                             is_main=dist.is_main, keep_last=recipe.checkpoint.keep_last, protect=(final_step,))
+                             is_main=dist.is_main, keep_last=recipe.checkpoint.keep_last, protect=(final_step,),
+                             extra_tensors={AVERAGE_FILE: averager.tensors()} if averager and averager.count else None)
 
     def validate(trainer: Trainer) -> None:
         metrics = heldout_metrics(model, forward_packed, heldout, ctx.domains, device=dist.device,
@@ -398,7 +451,10 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
         row.update({("val_" + k): v for k, v in metrics.items() if k.startswith("loss")})
         ctx.metrics.write(row)
 
-    callbacks = [ctx.metrics, Every(stage_cfg.eval.every_tokens, validate),
+    ledger = DocumentLedger(_GlobalSourceIds(loader, used), loader)  # names a skipped batch's documents
+    # GNS edits the row the metrics writer logs; the averager updates before a checkpoint saves it.
+    callbacks = [ledger, *(cb for cb in (gns, averager) if cb is not None), ctx.metrics,
+                 Every(stage_cfg.eval.every_tokens, validate),
                  Every(recipe.checkpoint.every_tokens, save, at_end=True)]
     if ctx.options.progress:
         callbacks.append(ProgressBar(dist.is_main, ctx.options.console))
@@ -407,11 +463,15 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
     if ctx.options.wandb:
         callbacks.append(WandbLogger(ctx.run_dir, dist.is_main, name=f"{ctx.run_dir.name}-{stage.name}"))
     trainer = Trainer(
-        model=model, optimizer=optimizer, loader=_GlobalSourceIds(loader, used), stage=stage,
-        forward=forward_packed, dist=dist, domains=ctx.domains, precision=ctx.precision,
+        model=model, optimizer=optimizer, loader=ledger, stage=stage,
+        forward=with_router_aux_loss(model, forward_packed), dist=dist, domains=ctx.domains, precision=ctx.precision,
         grad_clip=stage_cfg.optimizer.grad_clip, callbacks=callbacks, state=state,
         skip_nonfinite=recipe.step_guard.skip_nonfinite, spike_factor=recipe.step_guard.spike_factor,
+        forced_skips=forced_skips_of(saved) if latest is not None else {},
     )
+    if recipe.step_guard.on_fault == "rollback":
+        trainer.on_fault = Rollback(ctx.ckpt_root(stage), loader, ledger, ctx.metrics, dist, stage.name,
+                                    recipe.step_guard.max_rollbacks)
     if guard is not None:  # after the periodic save, so a step saved by both is written once
         trainer.callbacks.append(StopOnSignal(guard, save, lambda: saved_step[0]))
     state = trainer.fit()  # a no-op when resuming from the stage's final checkpoint (killed while exporting)
@@ -419,6 +479,12 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
         ctx.metrics.write({"event": "preempted", "step": state.global_step, "tokens": state.global_tokens,
                            "stage": stage.name, "signal": guard.signal_name})
         raise Preempted(guard.signal_name, state.global_step)
+    if averager is not None and averager.count:  # raw weights: exported and evaluated beside the averaged export
+        raw = raw_export_dir(ctx.export_dir(stage))
+        _export(ctx, stage, model, state, out=raw)
+        stage_eval.evaluate_stage(ctx, stage, model, heldout, "raw", state.global_step, state.global_tokens,
+                                  str(raw), export_dir=raw)
+        averager.copy_to(model)
     _export(ctx, stage, model, state)
     _evaluate(ctx, stage, model, heldout, "after", state, str(ctx.export_dir(stage)))
     ctx.metrics.write({"event": "stage_end", "step": state.global_step, "tokens": state.global_tokens,
@@ -456,13 +522,7 @@ def _check_rope_against_base(recipe: Recipe, tokenizer) -> list[str]:
     """
     if not any(stage.rope for stage in recipe.stages):
         return []
-    if recipe.base.startswith("preset:"):
-        config = preset_config(recipe.base.removeprefix("preset:"), vocab_size=len(tokenizer))
-    else:
-        config = transformers.AutoConfig.from_pretrained(
-            _base_path(recipe), local_files_only=not recipe.base.startswith("hub:")
-        )
-    errors, warnings = stage_rope_issues(recipe.stages, config)
+    errors, warnings = stage_rope_issues(recipe.stages, _base_config(recipe, tokenizer))
     if errors:
         lines = [f"{'.'.join(str(p) for p in path)}: {msg}" for path, msg in errors]
         names = {i: st.name for i, st in enumerate(recipe.stages)}
@@ -470,6 +530,33 @@ def _check_rope_against_base(recipe: Recipe, tokenizer) -> list[str]:
                  if line.startswith(f"stages.{i}.")]
         raise RunError(f"RoPE settings do not fit the base model {recipe.base}:\n" + "\n".join(lines))
     return warnings
+
+
+def _base_config(recipe: Recipe, tokenizer):
+    if recipe.base.startswith("preset:"):
+        return preset_config(recipe.base.removeprefix("preset:"), vocab_size=len(tokenizer))
+    local_only = not recipe.base.startswith("hub:")
+    return transformers.AutoConfig.from_pretrained(_base_path(recipe), local_files_only=local_only)
+
+
+def _check_convert_against_base(recipe: Recipe, tokenizer) -> None:
+    """Each stage's `convert` against the config its start model will have (heads divisible, family supported)."""
+    if not any(stage.convert for stage in recipe.stages):
+        return
+    from midtrain.model.convert import recipe_conversion_problems
+
+    problems = recipe_conversion_problems(recipe, _base_config(recipe, tokenizer))
+    if problems:
+        raise RunError(f"architecture conversion does not fit the base model {recipe.base}:\n" + "\n".join(problems))
+
+
+def _log_conversion(ctx: RunContext, stage: StagePlan, state: TrainerState, report) -> None:
+    from midtrain.model.convert import describe
+
+    print_main(ctx, f"stage {stage.name!r}: {describe(report)}")
+    drift = {k: report.drift[k] for k in ("rel_logits_error", "loss_before", "loss_after") if k in report.drift}
+    ctx.metrics.write({"event": "convert", "step": state.global_step, "tokens": state.global_tokens,
+                       "stage": stage.name, "kind": report.kind, "changed_params": len(report.changed), **drift})
 
 
 def _check_attention(recipe: Recipe, device: torch.device) -> None:
@@ -501,6 +588,7 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
         barrier()
         tokenizer = resolve_tokenizer(recipe)
         rope_warnings = _check_rope_against_base(recipe, tokenizer)  # before tokenizing: fail in seconds
+        _check_convert_against_base(recipe, tokenizer)
         sources = _tokenize_all(recipe, tokenizer, dist)
         precision = resolve_precision(recipe.precision, dist.device)
         ctx = RunContext(recipe, plan, dist, run_dir, tokenizer, sources,
@@ -522,7 +610,12 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
                 else:
                     if guard.agreed(dist.device):  # a signal between stages: nothing to save, the last stage finished
                         raise Preempted(guard.signal_name, stage.first_step)
-                    run_stage(ctx, stage, guard)
+                    if recipe.stages[stage.index].seeds:  # K branches souped into the stage's export
+                        from midtrain.train.branches import run_branches
+
+                        run_branches(ctx, stage, guard)
+                    else:
+                        run_stage(ctx, stage, guard)
                     barrier()
                 stage_eval.check_gate(ctx, stage)  # raises GateFailed: the run stops here, resumable
         except stage_eval.GateFailed:
