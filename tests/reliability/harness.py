@@ -427,3 +427,23 @@ def crash_in_curation(work: Path, occurrence: int) -> dict:
 
 def clean(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def disk_full_in_export(ref: Reference, work: Path, occurrence: int) -> dict:
+    """ENOSPC injected while a stage's export is being written: a clear exit 1, no export or temp dir left, the
+    stage's final checkpoint intact; the next run exports it and finishes equal to the reference."""
+    run_dir, marker = work / "run", work / "marker"
+    full = ref.run(run_dir, fault=f"export.mid_write:{occurrence}:enospc", marker=marker)
+    stage = ("warm", "anneal")[occurrence - 1]
+    obs = {"reached": _reached(full, "export.mid_write"), "rc": full.returncode,
+           "message": int("disk full (ENOSPC)" in full.stderr and f"while exporting stage '{stage}'" in full.stderr),
+           "traceback": int("Traceback" in full.stderr), "export_absent": int(not (run_dir / "stages" / stage / "hf")
+                                                                            .exists()),
+           "temps_after_failure": len(temp_dirs(run_dir)),
+           "final_checkpoint_kept": int(bool(complete_checkpoints(run_dir).get(stage)))}
+    resume = ref.run(run_dir)
+    equal = resume.returncode == 0 and all(
+        _export_files(run_dir / "stages" / s / "hf") == _export_files(ref.run_dir / "stages" / s / "hf")
+        for s in ("warm", "anneal"))
+    return {**obs, "resume_rc": resume.returncode, "exports_equal": int(equal), "stderr": full.stderr[-2000:],
+            **(compare(ref, run_dir) if resume.returncode == 0 else {"losses_equal": False})}

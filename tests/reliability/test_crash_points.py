@@ -76,6 +76,14 @@ def test_disk_full_keeps_the_previous_checkpoint(ref, tmp_path):
     _resumed_exactly(obs)
 
 
+def test_disk_full_while_exporting_is_a_clear_error_and_the_rerun_exports(ref, tmp_path):
+    obs = harness.disk_full_in_export(ref, tmp_path, 1)
+    assert obs["reached"] and obs["rc"] == 1 and obs["message"] and not obs["traceback"], obs["stderr"]
+    assert obs["export_absent"] and obs["temps_after_failure"] == 0 and obs["final_checkpoint_kept"]
+    assert obs["resume_rc"] == 0 and obs["exports_equal"]
+    assert obs["steps_equal"] and obs["losses_equal"] and obs["max_abs_diff"] == 0.0
+
+
 def test_nan_rollback_replays_exactly_and_logs_the_batch(ref, tmp_path):
     """NaN gradients injected at step 5: `rollback` restores checkpoint 4, replays, skips the batch; its losses
     equal the `skip` run's, the skipped batch's documents are logged in both, and every batch counts."""

@@ -333,6 +333,7 @@ def _export(ctx: RunContext, stage: StagePlan, model, state: TrainerState, out: 
     if not ctx.dist.is_main:
         barrier()
         return
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     plain = build_model(unwrap_model(model).config, seed=0)
@@ -348,8 +349,18 @@ def _export(ctx: RunContext, stage: StagePlan, model, state: TrainerState, out: 
         "last_lr": state.last_lr,
         "fingerprint": stage.fingerprint,
     }
-    out = save_hf_checkpoint(plain, ctx.tokenizer, out or ctx.export_dir(stage), extra=extra)
-    save_file({"input_ids": probe_ids, "logits": probe_logits}, str(out / PROBE_FILE))
+    target = out or ctx.export_dir(stage)
+    try:
+        out = save_hf_checkpoint(plain, ctx.tokenizer, target, extra=extra)
+        save_file({"input_ids": probe_ids, "logits": probe_logits}, str(out / PROBE_FILE))
+    except (OSError, RuntimeError, SafetensorError) as exc:  # e.g. a full disk: say so instead of a traceback
+        temps = sorted(target.parent.glob(f"{target.name}.tmp-*"))
+        reason = ckpt.write_error(exc, temps[-1] if temps else target.parent)
+        for tmp in temps:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ckpt.CheckpointError(
+            f"{reason} while exporting stage {stage.name!r} to {target}; the partial export was removed and the "
+            "stage's final checkpoint is intact; free space and run the same command to export again") from None
     barrier()
 
 
