@@ -154,3 +154,29 @@ def test_remote_paths_through_fsspec_memory_filesystem():
     assert skips.examples == ["memory:///corpus/a.jsonl:2: invalid_json"]
     with pytest.raises(DataError, match="does not exist"):
         iter_documents("memory://nowhere")
+
+
+def test_recipe_source_may_be_an_fsspec_url_and_trains(tmp_path, monkeypatch):
+    """`path: memory://…` (any fsspec URL) survives recipe loading unresolved and is read when tokenizing."""
+    import fsspec
+
+    from midtrain.config import load_recipe
+    from midtrain.train.run import RunOptions, run
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/recipe-url/web.jsonl", "".join(f'{{"text": "document number {i} of the remote corpus."}}\n'
+                                             for i in range(60)).encode())
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(
+        "base: preset:tiny-llama\ntokenizer: bytes\nprecision: fp32\n"
+        "sources: [{name: web, path: 'memory://recipe-url/web.jsonl', holdout_docs: 4}]\n"
+        "stages: [{name: s, init: scratch, tokens: 512, seq_len: 64, batch: {tokens: 256},"
+        " schedule: {kind: constant, peak_lr: 1e-3}, data: {mixture: {web: 1}}}]\n")
+    monkeypatch.setenv("MIDTRAIN_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(recipe_file, [f"run_dir={tmp_path / 'run'}"])
+    assert recipe.sources[0].path == "memory://recipe-url/web.jsonl"
+    run(recipe, RunOptions(progress=False))
+    assert (tmp_path / "run" / "stages" / "s" / "hf" / "config.json").is_file()
+    fs.rm("/recipe-url/web.jsonl")
+    with pytest.raises(Exception, match="memory://recipe-url/web.jsonl"):  # gone: the error names the URL
+        run(load_recipe(recipe_file, [f"run_dir={tmp_path / 'run2'}"]), RunOptions(progress=False))

@@ -280,7 +280,9 @@ def _is_local(ref: str) -> bool:
 def _resolve_paths(recipe: Recipe, root: Path) -> Recipe:
     """Data and checkpoint paths in a recipe are relative to the recipe file, not to the caller's cwd."""
 
-    def resolve(p: Path) -> Path:
+    def resolve(p: Path | str) -> Path | str:
+        if isinstance(p, str):  # an fsspec URL: nothing to resolve
+            return p
         return p if p.is_absolute() else (root / p).resolve()
 
     update: dict[str, Any] = {"sources": [s.model_copy(update={"path": resolve(s.path)}) for s in recipe.sources]}
@@ -303,6 +305,8 @@ def _path_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
     if recipe.tokenizer and _is_local(recipe.tokenizer) and not Path(recipe.tokenizer).is_dir():
         problems.append((("tokenizer",), f"tokenizer directory {recipe.tokenizer} does not exist"))
     for i, source in enumerate(recipe.sources):
+        if isinstance(source.path, str):  # a URL: checked when read (a clear DataError naming it)
+            continue
         if not source.path.exists():
             problems.append((("sources", i, "path"), f"{source.path} does not exist"))
     return problems

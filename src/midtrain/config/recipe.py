@@ -60,9 +60,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _local_or_url(value: Any) -> Any:
+    """`s3://…`, `memory://…` stay strings (fsspec reads them; Path would fold `//`); anything else is a Path."""
+    return value if isinstance(value, str) and "://" in value else Path(value) if isinstance(value, str) else value
+
+
 class Source(_Strict):
     name: Name
-    path: Path
+    path: Annotated[Path | str, BeforeValidator(_local_or_url)]  # local file/dir, or an fsspec URL
     text_field: str = "text"
     domain: str | None = None
     holdout_docs: int = Field(32, ge=0)
