@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller budgets: a smoke test, not the result")
     parser.add_argument("--seeds", type=int, default=1, help="fine-tune data orders per method")
     parser.add_argument("--max-steps", type=int, default=800)
+    parser.add_argument("--base-steps", type=int, default=None, help="base steps (default 1200; --quick 200)")
+    parser.add_argument("--base-lr", type=float, default=3e-3)
+    parser.add_argument("--base-only", action="store_true", help="train and score the base, then stop")
     args = parser.parse_args()
     torch.set_num_threads(1)
     clock = Stopwatch()
@@ -130,14 +133,16 @@ def main() -> None:
     tokenizer = load_tokenizer(corpus / "tokenizer")
     prose_text = "\n".join(json.loads(line)["text"] for line in (corpus / "prose.jsonl").read_text().splitlines())
     prose = np.asarray(tokenizer(prose_text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    base_steps = 200 if args.quick else 1200
+    base_steps = args.base_steps or (200 if args.quick else 1200)
     cap = 100 if args.quick else args.max_steps
 
     model = build_model(preset_config("tiny-llama", vocab_size=len(tokenizer)), seed=0)
-    train(model, Rows(tokenizer, L0, 0.8, seed=1000, prose=prose), base_steps, 32, 3e-3, 20)
+    train(model, Rows(tokenizer, L0, 0.8, seed=1000, prose=prose), base_steps, 32, args.base_lr, 20)
     base = {"passkey@128": passkey_accuracy(model, tokenizer, L0, 100),
             "passkey@512": passkey_accuracy(model, tokenizer, TARGET, 100), "minutes": clock.minutes()}
-    print(f"base after {base_steps} steps: {base}", flush=True)
+    print(f"base after {base_steps} steps at peak LR {args.base_lr}: {base}", flush=True)
+    if args.base_only:
+        return
 
     results: dict[str, list[dict]] = {}
     for name, rope in METHODS.items():
