@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import Stopwatch, corpus_dir, table  # noqa: E402
+from experiments.common import WORK, Stopwatch, corpus_dir, table  # noqa: E402
 from midtrain.context import apply_rope  # noqa: E402
 from midtrain.eval.suite import run_generative  # noqa: E402
 from midtrain.eval.tasks.base import TokenCounter, mean_by_metric, score  # noqa: E402
@@ -137,7 +137,13 @@ def main() -> None:
     cap = 100 if args.quick else args.max_steps
 
     model = build_model(preset_config("tiny-llama", vocab_size=len(tokenizer)), seed=0)
-    train(model, Rows(tokenizer, L0, 0.8, seed=1000, prose=prose), base_steps, 32, args.base_lr, 20)
+    cached = WORK / "rope_steps" / f"base-{base_steps}-{args.base_lr:g}.pt"  # the base is reused across runs
+    if cached.is_file():
+        model.load_state_dict(torch.load(cached))
+    else:
+        train(model, Rows(tokenizer, L0, 0.8, seed=1000, prose=prose), base_steps, 32, args.base_lr, 20)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), cached)
     base = {"passkey@128": passkey_accuracy(model, tokenizer, L0, 100),
             "passkey@512": passkey_accuracy(model, tokenizer, TARGET, 100), "minutes": clock.minutes()}
     print(f"base after {base_steps} steps at peak LR {args.base_lr}: {base}", flush=True)
