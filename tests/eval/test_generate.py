@@ -26,3 +26,26 @@ def test_stops_at_eos_and_drops_it():
     model = build_model(preset_config("tiny-llama", vocab_size=64), seed=1)
     first = greedy_generate(model, [[1, 2, 3]], 4, pad_id=63)[0]
     assert greedy_generate(model, [[1, 2, 3]], 4, pad_id=63, eos_id=first[1])[0] == first[:1]
+
+
+def test_evaluated_tasks_keep_every_position_inside_their_length():
+    """BOS + prompt + all generated tokens fit in the task's length: no answer is decoded at an untrained position."""
+    from midtrain.data import byte_tokenizer
+    from midtrain.eval.suite import run_generative
+    from midtrain.eval.tasks import TokenCounter, niah_samples, passkey_samples, ruler_samples
+
+    tokenizer = byte_tokenizer()
+    count = TokenCounter(tokenizer)
+    length = 1024
+    samples = (passkey_samples(count, [length], 2, 0) + niah_samples(count, [length], [0.5], 2, 0)
+               + ruler_samples(count, ["niah_multivalue", "vt", "cwe", "fwe"], [length], 1, 0))
+    model = build_model(preset_config("tiny-llama", vocab_size=len(tokenizer)), seed=0)
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(int(kw["position_ids"].max())), with_kwargs=True)
+    eos, tokenizer.eos_token_id = tokenizer.eos_token_id, None  # a random model must not stop early
+    try:
+        run_generative(model, tokenizer, samples, batch_size=4)
+    finally:
+        tokenizer.eos_token_id = eos
+    # the last generated token is never fed back, so the highest position the model computes is one below its own
+    assert length - 64 <= max(seen) + 1 < length

@@ -20,6 +20,7 @@ from midtrain.eval.tasks import (
     Sample,
     TokenCounter,
     arith_samples,
+    max_new_tokens,
     mean_by_metric,
     niah_grid,
     niah_samples,
@@ -85,11 +86,6 @@ def generative_samples(spec: EvalSpec, count: TokenCounter, skipped: dict[str, s
     return samples
 
 
-def _max_new_tokens(count: TokenCounter, samples: Sequence[Sample]) -> int:
-    """Room for the longest expected answer list (with separators), plus a little slack."""
-    return max(sum(count(" " + a) + 2 for a in s.answers) for s in samples) + 4
-
-
 def run_generative(model: nn.Module, tokenizer, samples: Sequence[Sample], *, batch_size: int = 8,
                    precision: str = "fp32") -> list[str]:
     """Greedy outputs (decoded text) for every sample; prompts start with BOS like training documents do."""
@@ -101,7 +97,7 @@ def run_generative(model: nn.Module, tokenizer, samples: Sequence[Sample], *, ba
     outputs: list[str] = [""] * len(samples)
     by_budget: dict[int, list[int]] = {}  # tasks differ in answer length: decode each group only as far as needed
     for i, s in enumerate(samples):
-        by_budget.setdefault(_max_new_tokens(count, [s]) if s.scorer == "recall" else 12, []).append(i)
+        by_budget.setdefault(max_new_tokens(count, s.answers, s.scorer), []).append(i)
     for budget, idx in sorted(by_budget.items()):
         prompts = [bos + count.encode(samples[i].prompt) for i in idx]
         new = greedy_generate(model, prompts, budget, pad_id=pad, eos_id=tokenizer.eos_token_id,

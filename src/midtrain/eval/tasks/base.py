@@ -3,6 +3,10 @@
 Scoring is deterministic string matching on greedy outputs (no LLM judge):
 - `first_int`: the first integer in the output equals the answer (passkey, NIAH, arithmetic);
 - `recall`: fraction of expected strings found in the output, case-insensitive (RULER's string_match_all).
+
+A task's length L is the whole sequence the model sees: BOS, the prompt and every token it may generate fit in L
+(`prompt_room`). A tiny model trained at L knows no position >= L, so an answer generated past it fails for a reason
+that has nothing to do with retrieval (REFERENCE §10: one model dropped from 1.00 to 0.83; ours from 0.99 to 0.11).
 """
 
 from __future__ import annotations
@@ -23,6 +27,21 @@ class Sample:
     answers: tuple[str, ...]
     scorer: Literal["first_int", "recall"]
     meta: dict = field(default_factory=dict, compare=False)  # depth, length, ... (for details and tests)
+
+
+FIRST_INT_NEW_TOKENS = 12  # a signed integer of up to ~10 digits, with room for a leading space or word
+
+
+def max_new_tokens(count: TokenCounter, answers: Sequence[str], scorer: str) -> int:
+    """Tokens generated for a sample: room for its answers (with separators), plus a little slack."""
+    if scorer == "first_int":
+        return FIRST_INT_NEW_TOKENS
+    return sum(count(" " + a) + 2 for a in answers) + 4
+
+
+def prompt_room(count: TokenCounter, length: int, answers: Sequence[str], scorer: str) -> int:
+    """Tokens the prompt may take so that BOS, the prompt and every generated token fit in `length`."""
+    return length - count.special_tokens - max_new_tokens(count, answers, scorer)
 
 
 def first_int(output: str) -> str | None:
@@ -49,6 +68,7 @@ class TokenCounter:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.special_tokens = int(tokenizer.bos_token_id is not None)  # evaluation prompts start with BOS
         self._cache: dict[str, int] = {}
 
     def encode(self, text: str) -> list[int]:

@@ -70,7 +70,8 @@ def build_context(count: TokenCounter, sentences: Sequence[str], length: int, *,
     fixed = count(prefix) + count(suffix) + sum(count(" " + text) for _, text in needles)
     budget = length - fixed
     if budget < 0:
-        raise ValueError(f"length {length} is too short for this task: prompt and needles alone take {fixed} tokens")
+        raise ValueError(f"{length} tokens are too few for this task's prompt: instructions, question and needles "
+                         f"alone take {fixed}")
     start = rng.randrange(len(sentences)) if cycle_from is None else cycle_from
     chosen: list[str] = []
     costs: list[int] = []

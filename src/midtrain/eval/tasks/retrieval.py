@@ -1,13 +1,14 @@
 """Passkey retrieval (the PI / YaRN / LongRoPE format) and the needle-in-a-haystack grid (lengths x depths).
 
-Both are scored by the first integer of the greedy answer. Lengths are the whole prompt in the model's tokens.
+Both are scored by the first integer of the greedy answer. A length counts the model's tokens of BOS, prompt and
+answer together (`prompt_room`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from midtrain.eval.tasks.base import Sample, TokenCounter, task_rng
+from midtrain.eval.tasks.base import Sample, TokenCounter, prompt_room, task_rng
 from midtrain.eval.tasks.haystack import NOISE, build_context, haystack_sentences
 
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -28,7 +29,8 @@ def passkey_samples(count: TokenCounter, lengths: Sequence[int], n: int, seed: i
         for _ in range(n):
             k = str(rng.randint(1, 50000))
             depth = rng.random()
-            ctx = build_context(count, NOISE, length, prefix=PASSKEY_INTRO + " ", suffix=PASSKEY_QUESTION,
+            room = prompt_room(count, length, (k,), "first_int")
+            ctx = build_context(count, NOISE, room, prefix=PASSKEY_INTRO + " ", suffix=PASSKEY_QUESTION,
                                 needles=[(depth, PASSKEY_NEEDLE.format(k=k))], rng=rng, cycle_from=0)
             out.append(Sample(f"passkey@{length}", ctx.text, (k,), "first_int",
                               {"length": length, "depth": depth, "needle_char": ctx.needle_chars[0]}))
@@ -45,7 +47,8 @@ def niah_samples(count: TokenCounter, lengths: Sequence[int], depths: Sequence[f
             rng = task_rng(seed, "niah", length, depth)
             for _ in range(n):
                 value = str(rng.randint(1_000_000, 9_999_999))
-                ctx = build_context(count, sentences, length, prefix="", suffix=NIAH_QUESTION,
+                room = prompt_room(count, length, (value,), "first_int")
+                ctx = build_context(count, sentences, room, prefix="", suffix=NIAH_QUESTION,
                                     needles=[(depth, NIAH_NEEDLE.format(v=value))], rng=rng)
                 out.append(Sample(f"niah@{length}", ctx.text, (value,), "first_int",
                                   {"length": length, "depth": depth, "needle_char": ctx.needle_chars[0]}))

@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from midtrain.eval.tasks.base import Sample, TokenCounter, task_rng
+from midtrain.eval.tasks.base import Sample, TokenCounter, prompt_room, task_rng
 from midtrain.eval.tasks.haystack import build_context, haystack_sentences
 
 _SYLLABLES = ("ka", "lo", "mi", "nu", "pe", "ra", "so", "ti", "vu", "ze", "ba", "do", "fi", "gu", "he", "jo")
@@ -57,7 +57,8 @@ def _needle_task(kind: str) -> Callable[..., Sample]:
                     f"{who} mentioned in the provided text? The special magic "
                     f"{'numbers' if plural else 'number'} for {who} mentioned in the provided text "
                     f"{'are' if plural else 'is'}")
-        ctx = build_context(count, sentences, length, prefix=INTRO, suffix=question, needles=needles, rng=rng)
+        room = prompt_room(count, length, expected, "recall")
+        ctx = build_context(count, sentences, room, prefix=INTRO, suffix=question, needles=needles, rng=rng)
         return Sample(f"ruler.{kind}@{length}", ctx.text, expected, "recall", {"length": length})
 
     return make
@@ -73,7 +74,8 @@ def _variable_tracking(count: TokenCounter, sentences: Sequence[str], length: in
     question = (f"\nQuestion: Find all variables that are assigned the value {value} in the text above. Answer: "
                 f"According to the chain(s) of variable assignment in the text above, {len(names)} variables are "
                 f"assigned the value {value}, they are:")
-    ctx = build_context(count, sentences, length, prefix="Memorize and track the chain(s) of variable assignment "
+    room = prompt_room(count, length, names, "recall")
+    ctx = build_context(count, sentences, room, prefix="Memorize and track the chain(s) of variable assignment "
                         "hidden in the following text.\n", suffix=question, needles=list(zip(depths, lines)), rng=rng)
     return Sample(f"ruler.vt@{length}", ctx.text, tuple(names), "recall", {"length": length})
 
@@ -97,7 +99,8 @@ def _common_words(count: TokenCounter, sentences: Sequence[str], length: int, rn
     k = 3 if length < 1024 else 10
     tail = (f"\nQuestion: What are the {k} most common words in the above list? Answer: The top {k} words "
             "appearing most often in the list are:")
-    budget = length - count(head) - count(tail)
+    # the answer's room is estimated with `probe`-sized words here and made exact once the common words are drawn
+    budget = length - count.special_tokens - (k * (probe + 2) + 4) - count(head) - count(tail)
     n_items = max(budget // probe, 0)
     repeats = max(3, min(30, n_items // (3 * k)))  # common words take about a third of the list
     if n_items < k * repeats + 1:
@@ -106,7 +109,7 @@ def _common_words(count: TokenCounter, sentences: Sequence[str], length: int, rn
     common, rare = words[:k], words[k:]
     items = [w for w in common for _ in range(repeats)] + rare[: n_items - k * repeats]
     rng.shuffle(items)
-    items = _fit_list(count, items, budget)
+    items = _fit_list(count, items, prompt_room(count, length, common, "recall") - count(head) - count(tail))
     counts = Counter(items)
     top = [w for w, _ in counts.most_common()][:k]
     if sorted(counts[w] for w in common) != sorted(counts[w] for w in top) or min(counts[w] for w in common) <= 1:
@@ -124,8 +127,8 @@ def _frequent_words(count: TokenCounter, sentences: Sequence[str], length: int, 
             "most frequently appeared words are:")
     vocab = _distinct_words(rng, 200, syllables=2)
     weights = [1.0 / (r + 1) ** alpha for r in range(len(vocab))]
-    budget = length - count(head) - count(tail)
     per_word = sum(count(f" {w} ....") for w in vocab[:20]) / 20
+    budget = prompt_room(count, length, vocab[:3], "recall") - count(head) - count(tail)
     n = int(budget / per_word)
     if n < 12:
         raise ValueError(f"length {length} is too short for ruler.fwe")
@@ -140,7 +143,8 @@ def _frequent_words(count: TokenCounter, sentences: Sequence[str], length: int, 
         items[items.index(loser)] = ranked[0][0]
         counts = Counter(items)
     text = head + " ".join(f"{w} ...." for w in items) + tail
-    while count(text) > length:  # the average word cost was an estimate: drop rare words from the end
+    # the average word cost was an estimate: drop rare words from the end until prompt and answer fit
+    while count(text) > prompt_room(count, length, [w for w, _ in counts.most_common(3)], "recall"):
         drop = next(i for i in range(len(items) - 1, -1, -1) if counts[items[i]] == 1 or i < 3)
         counts[items.pop(drop)] -= 1
         text = head + " ".join(f"{w} ...." for w in items) + tail
