@@ -19,7 +19,12 @@ import json
 import os
 import shutil
 import uuid
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,9 @@ from midtrain.io import sha256_file
 
 FORMAT_VERSION = 1
 CHUNK_CHARS = 4 << 20  # texts per encode call: big enough to keep the Rust threads busy, small enough for RAM
+# Encode calls in flight while the next batch is read: the Rust encoder releases the GIL, so reading, hashing and
+# writing overlap with encoding, and one batch's tail (its longest documents) overlaps the next batch's start.
+ENCODE_AHEAD = 2
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -76,19 +84,55 @@ def source_fingerprint(path: Path | str, text_field: str, tokenizer: PreTrainedT
     return h.hexdigest()
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token ids of raw texts. A literal "<|eos|>" inside a document stays text: only the packer places specials."""
+@contextmanager
+def _literal_specials(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
+    """Special-token text inside documents is encoded as text for the duration (toggled once, not per call)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    # Call the backend directly (no attention masks, no offsets); toggle special-token parsing off for the call.
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        yield
+        return
     previous = backend.encode_special_tokens
     backend.encode_special_tokens = True
     try:
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        yield
     finally:
         backend.encode_special_tokens = previous
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of raw texts. A literal "<|eos|>" inside a document stays text: only the packer places specials.
+
+    Call inside `_literal_specials(tokenizer)`.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    # The backend directly, without offsets: no attention masks, no offset mapping, no BatchEncoding.
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+def _encode_flat(tokenizer: PreTrainedTokenizerBase, texts: list[str], head: list[int], tail: list[int],
+                 dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(every document's `head + ids + tail` back to back, their lengths): one array per batch, no per-doc arrays."""
+    ids = _encode(tokenizer, texts)
+    body_lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    body = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(body_lens.sum()))
+    if not head and not tail:
+        return body, body_lens
+    lens = body_lens + len(head) + len(tail)
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
+    is_body = np.ones(len(flat), dtype=bool)
+    for j, t in enumerate(head):
+        flat[starts + j] = t
+        is_body[starts + j] = False
+    for j, t in enumerate(tail):
+        flat[ends - len(tail) + j] = t
+        is_body[ends - len(tail) + j] = False
+    flat[is_body] = body
+    return flat, lens
 
 
 def _memmap(path: Path, dtype: np.dtype, n: int) -> np.ndarray:
@@ -164,6 +208,7 @@ class _Writer:
 
     A bounded max-heap makes the split independent of file order without a second pass over the data. Exact
     duplicates of a held-out document are held out with it, so its text never reaches the training stream.
+    Training documents are buffered (views, in order) and written with one concatenate per `flush()`.
     """
 
     def __init__(self, f, k: int, mask_f=None):
@@ -171,28 +216,38 @@ class _Writer:
         self.offsets = [0]
         self.heap: list[list] = []  # [-hash, hash, (tokens, mask), copies]
         self.held: dict[int, list] = {}
+        self.pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.pending_tokens = 0
 
     def _train(self, tokens: tuple[np.ndarray, np.ndarray | None], copies: int = 1) -> None:
-        ids, mask = tokens
         for _ in range(copies):
-            ids.tofile(self.f)
-            if self.mask_f is not None:
-                mask.tofile(self.mask_f)
-            self.offsets.append(self.offsets[-1] + len(ids))
+            self.pending.append(tokens)
+            self.pending_tokens += len(tokens[0])
+            self.offsets.append(self.offsets[-1] + len(tokens[0]))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        np.concatenate([ids for ids, _ in self.pending]).tofile(self.f)
+        if self.mask_f is not None:
+            np.concatenate([mask for _, mask in self.pending]).tofile(self.mask_f)
+        self.pending.clear()
+        self.pending_tokens = 0
 
     def add(self, digest: int, tokens: tuple[np.ndarray, np.ndarray | None]) -> None:
         if digest in self.held:
             self.held[digest][3] += 1
-        elif len(self.heap) < self.k:
-            entry = [-digest, digest, tokens, 1]
-            heapq.heappush(self.heap, entry)
+            return
+        if len(self.heap) < self.k or (self.k and digest < self.heap[0][1]):
+            # copies: a view would pin its whole batch array for as long as the document stays held out
+            entry = [-digest, digest, (tokens[0].copy(), None if tokens[1] is None else tokens[1].copy()), 1]
+            if len(self.heap) < self.k:
+                heapq.heappush(self.heap, entry)
+            else:
+                evicted = heapq.heapreplace(self.heap, entry)
+                del self.held[evicted[1]]
+                self._train(evicted[2], evicted[3])
             self.held[digest] = entry
-        elif self.k and digest < self.heap[0][1]:
-            entry = [-digest, digest, tokens, 1]
-            evicted = heapq.heapreplace(self.heap, entry)
-            del self.held[evicted[1]]
-            self.held[digest] = entry
-            self._train(evicted[2], evicted[3])
         else:
             self._train(tokens)
 
@@ -284,29 +339,55 @@ def tokenize_source(
                     if decontaminator is not None and decontaminator.check(text, loc).text != text:
                         continue  # redacting inside a prompt/response pair would garble it: drop the sample
                     writer.add(digest_of(text), (ids.astype(dtype), mask))
+                    if writer.pending_tokens >= CHUNK_CHARS:
+                        writer.flush()
             else:
-                batch: list = []
-                size = 0
+                def batches() -> Iterator[list[tuple[str, str]]]:
+                    batch: list[tuple[str, str]] = []
+                    size = 0
+                    for doc in iter_documents(path, text_field, skips):
+                        text = clean(doc.text, doc.location)
+                        if text is None:
+                            continue
+                        batch.append((text, doc.location))
+                        size += len(text)
+                        if size >= CHUNK_CHARS:
+                            yield batch
+                            batch, size = [], 0
+                    if batch:
+                        yield batch
 
-                def flush() -> None:
-                    for (text, loc), ids in zip(batch, _encode(tokenizer, [t for t, _ in batch])):
-                        if not ids and not head and not tail:
+                def write(batch: list[tuple[str, str]], flat: np.ndarray, lens: np.ndarray) -> None:
+                    ends = np.cumsum(lens).tolist()
+                    start = 0
+                    for (text, loc), end in zip(batch, ends):
+                        if end == start:
                             skips.add("no_tokens", loc)
                             continue
-                        writer.add(digest_of(text), (np.array(head + ids + tail, dtype=dtype), None))
-                    batch.clear()
+                        writer.add(digest_of(text), (flat[start:end], None))
+                        start = end
+                    writer.flush()
                     faults.point("tokenize.mid_write")  # test-only: tokens.bin partly written, meta.json not
 
-                for doc in iter_documents(path, text_field, skips):
-                    text = clean(doc.text, doc.location)
-                    if text is None:
-                        continue
-                    batch.append((text, doc.location))
-                    size += len(text)
-                    if size >= CHUNK_CHARS:
-                        flush()
-                        size = 0
-                flush()
+                # Encoding runs in worker threads (the Rust encoder releases the GIL) while this thread reads the
+                # next batch and writes finished ones, in order.
+                threads = ENCODE_AHEAD if hasattr(tokenizer, "backend_tokenizer") else 1  # Python ones: one
+                with _literal_specials(tokenizer), ThreadPoolExecutor(threads) as pool:
+                    pending: deque = deque()
+                    try:
+                        for batch in batches():
+                            pending.append((batch, pool.submit(_encode_flat, tokenizer, [t for t, _ in batch],
+                                                               head, tail, dtype)))
+                            if len(pending) > ENCODE_AHEAD:
+                                done, future = pending.popleft()
+                                write(done, *future.result())
+                        while pending:
+                            done, future = pending.popleft()
+                            write(done, *future.result())
+                    finally:
+                        for _, future in pending:
+                            future.cancel()
+            writer.flush()
             f.flush()
             os.fsync(f.fileno())
         held, held_dups = writer.holdout()
