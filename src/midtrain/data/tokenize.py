@@ -173,6 +173,13 @@ class TokenizedSource:
         o = self.holdout_offsets
         return [self.holdout_tokens[o[i] : o[i + 1]] for i in range(len(o) - 1)]
 
+    def holdout_masks(self) -> list[np.ndarray | None]:
+        """Per held-out document its loss mask (instruction sources: 1 = response token), else None (all tokens)."""
+        o = self.holdout_offsets
+        if self.holdout_mask is None:
+            return [None] * (len(o) - 1)
+        return [self.holdout_mask[o[i] : o[i + 1]] for i in range(len(o) - 1)]
+
     @classmethod
     def load(cls, name: str, directory: Path, cache_hit: bool = True) -> TokenizedSource:
         directory = Path(directory)

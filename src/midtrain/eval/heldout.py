@@ -18,16 +18,26 @@ from midtrain.train.loss import IGNORE, token_loss_sums
 Batch = dict[str, torch.Tensor]
 
 
-def pack_documents(docs: Sequence[tuple[np.ndarray, int]], seq_len: int, rows_per_batch: int = 8) -> list[Batch]:
-    """Greedy packing of (tokens, source_id) documents into rows; documents longer than a row are truncated."""
-    rows: list[list[tuple[np.ndarray, int]]] = [[]]
+Document = tuple[np.ndarray, int] | tuple[np.ndarray, int, np.ndarray | None]
+
+
+def pack_documents(docs: Sequence[Document], seq_len: int, rows_per_batch: int = 8) -> list[Batch]:
+    """Greedy packing of (tokens, source_id[, loss mask]) documents into rows; longer documents are truncated.
+
+    A loss mask (uint8 per token, 1 = scored) limits the loss to those tokens, as in training: an instruction
+    sample's held-out loss covers its response tokens only (TokenizedSource.holdout_masks).
+    """
+    rows: list[list[tuple[np.ndarray, int, np.ndarray | None]]] = [[]]
     used = 0
-    for tokens, src in docs:
+    for tokens, src, *rest in docs:
+        mask = rest[0] if rest else None
         tokens = np.asarray(tokens[:seq_len], dtype=np.int64)
+        if mask is not None:
+            mask = np.asarray(mask[:seq_len]).astype(bool)
         if used + len(tokens) > seq_len:
             rows.append([])
             used = 0
-        rows[-1].append((tokens, src))
+        rows[-1].append((tokens, src, mask))
         used += len(tokens)
     batches = []
     for start in range(0, len(rows), rows_per_batch):
@@ -39,11 +49,13 @@ def pack_documents(docs: Sequence[tuple[np.ndarray, int]], seq_len: int, rows_pe
         lens: list[int] = []
         for r, row in enumerate(chunk):
             at = 0
-            for tokens, src in row:
+            for tokens, src, mask in row:
                 n = len(tokens)
                 ids[r, at : at + n] = tokens
                 pos[r, at : at + n] = np.arange(n)
                 labels[r, at + 1 : at + n] = tokens[1:]  # a document's first token is never predicted
+                if mask is not None:
+                    labels[r, at : at + n][~mask] = IGNORE
                 srcs[r, at : at + n] = src
                 lens.append(n)
                 at += n

@@ -290,7 +290,9 @@ class _GlobalSourceIds:
 
 def _heldout_batches(ctx: RunContext, stage: StagePlan) -> list[dict]:
     max_docs = ctx.recipe.stages[stage.index].eval.max_docs
-    docs = [(d, i) for i, s in enumerate(ctx.sources) for d in s.holdout_docs()[:max_docs]]
+    # instruction sources carry their loss mask: held-out loss scores response tokens only, as training does
+    docs = [(d, i, m) for i, s in enumerate(ctx.sources)
+            for d, m in zip(s.holdout_docs()[:max_docs], s.holdout_masks()[:max_docs])]
     return pack_documents(docs, stage.seq_len) if docs else []
 
 
