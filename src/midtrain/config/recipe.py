@@ -165,11 +165,79 @@ class ReplayConfig(_Strict):
     stage: Name | None = None  # whose mixture to replay; null = the previous stage
 
 
+class LengthBucket(_Strict):
+    """Documents of `min` <= length < `max` tokens (BOS/EOS included) supply `share` of their source's tokens."""
+
+    min: Tokens = 0
+    max: Tokens | None = None  # null = no upper bound
+    share: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> LengthBucket:
+        if self.max is not None and self.max <= self.min:
+            raise ValueError(f"max ({self.max}) must exceed min ({self.min})")
+        return self
+
+
+def _check_buckets(buckets: list[LengthBucket]) -> list[LengthBucket]:
+    if not buckets:
+        raise ValueError("needs at least one bucket")
+    ordered = sorted(buckets, key=lambda b: b.min)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.max is None or a.max > b.min:
+            raise ValueError(f"buckets [{a.min}, {a.max or 'inf'}) and [{b.min}, {b.max or 'inf'}) overlap")
+    total = sum(b.share for b in buckets)
+    if abs(total - 1) > 1e-6:
+        raise ValueError(f"bucket shares must sum to 1, got {total:g}")
+    return buckets
+
+
+class UpsampleLongConfig(_Strict):
+    """Fu et al. 2024: within each source, documents of at least `min_tokens` get `share` of its tokens, or `factor`
+    times their natural token weight (share = f*p / (f*p + 1 - p) for natural share p); the domain mix is kept."""
+
+    min_tokens: Tokens = Field(gt=0)
+    factor: float | None = Field(None, gt=0)
+    share: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> UpsampleLongConfig:
+        if (self.factor is None) == (self.share is None):
+            raise ValueError("give exactly one of factor or share")
+        return self
+
+
 class DataConfig(_Strict):
     mixture: dict[Name, float] = Field(default_factory=dict)
     replay: ReplayConfig | None = None  # a fraction of an earlier stage's (effective) mixture mixed into this one
     # False: a document that fits in a row is never cut across rows (the rest of a row is padding without loss).
     split_documents: bool = True
+    # Token shares by document length within each source of the stage (docs/DATA.md "Length buckets"); documents
+    # outside every bucket are not drawn in this stage. `source_length_buckets` overrides it per source.
+    length_buckets: list[LengthBucket] | None = None
+    source_length_buckets: dict[Name, list[LengthBucket]] = Field(default_factory=dict)
+    upsample_long: UpsampleLongConfig | None = None
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _buckets_valid(cls, buckets: list[LengthBucket] | None) -> list[LengthBucket] | None:
+        return None if buckets is None else _check_buckets(buckets)
+
+    @field_validator("source_length_buckets")
+    @classmethod
+    def _source_buckets_valid(cls, by_source: dict[str, list[LengthBucket]]) -> dict[str, list[LengthBucket]]:
+        for name, buckets in by_source.items():
+            try:
+                _check_buckets(buckets)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        return by_source
+
+    @model_validator(mode="after")
+    def _buckets_or_upsampling(self) -> DataConfig:
+        if self.length_buckets is not None and self.upsample_long is not None:
+            raise ValueError("give either length_buckets or upsample_long (source_length_buckets may refine either)")
+        return self
 
     @field_validator("mixture")
     @classmethod
@@ -386,6 +454,19 @@ def recipe_problems(recipe: Recipe) -> list[Problem]:
                 )
         if recipe.sources and not stage.data.mixture:
             problems.append(((*at, "data", "mixture"), "must name at least one source with a weight"))
+        for name in stage.data.source_length_buckets:
+            try:
+                in_stage = name in recipe.effective_mixture(i)
+            except ValueError:
+                in_stage = True  # a bad replay is reported below
+            if name not in known:
+                problems.append(((*at, "data", "source_length_buckets", name), f"unknown source {name!r}"))
+            elif not in_stage:
+                problems.append(((*at, "data", "source_length_buckets", name),
+                                 f"source {name!r} has no weight in this stage's mixture"))
+        has_buckets = stage.data.length_buckets or stage.data.source_length_buckets or stage.data.upsample_long
+        if has_buckets and stage.seeds is not None:
+            problems.append(((*at, "seeds"), "seed branches do not support length buckets / upsample_long yet"))
         replay = stage.data.replay
         if replay is not None:
             earlier = [s.name for s in recipe.stages[:i]]

@@ -164,6 +164,27 @@ def inspect_cmd(
             warnings.append(f"source {u.source!r} is exhausted and repeats in stage {u.stage!r} "
                             f"({u.epochs_cumulative:.2f} epochs)")
     console.print(table)
+    from midtrain.data.prepare import bucket_usage
+
+    buckets = bucket_usage(rec, sources)
+    if buckets:
+        bt = Table(title="length buckets (document tokens; shares of the source's and of the stage's tokens)")
+        for col in ("stage", "source", "bucket", "share", "of stage", "planned tokens", "bucket tokens", "documents",
+                    "epochs (cumulative)"):
+            bt.add_column(col, justify="left" if col in ("stage", "source", "bucket") else "right")
+        for b in buckets:
+            bt.add_row(b.stage, b.source, b.label, f"{100 * b.share:.1f}%", f"{100 * b.stage_share:.1f}%",
+                       f"{b.planned_tokens:,}", f"{b.bucket_tokens:,}", f"{b.documents:,}",
+                       f"{b.epochs_cumulative:.2f}")
+            if b.share > 0 and not b.documents:
+                warnings.append(f"stage {b.stage!r}: source {b.source!r} has no documents of {b.label} tokens")
+            elif b.over_cap:
+                warnings.append(f"source {b.source!r}: documents of {b.label} tokens exceed max_epochs="
+                                f"{b.max_epochs:g} in stage {b.stage!r} ({b.epochs_cumulative:.2f} epochs)")
+            elif b.epochs_cumulative > 1:
+                warnings.append(f"source {b.source!r}: documents of {b.label} tokens repeat in stage {b.stage!r} "
+                                f"({b.epochs_cumulative:.2f} epochs)")
+        console.print(bt)
     for s in sources:
         if s.skips.total:
             warnings.append(f"source {s.name!r}: {s.skips}")

@@ -8,12 +8,12 @@ number of ranks and see the same data.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from midtrain.data.mixture import DeficitSampler
+from midtrain.data.mixture import Bucket, DeficitSampler
 from midtrain.data.tokenize import TokenizedSource
 
 STATE_VERSION = 1
@@ -26,16 +26,54 @@ def _name_key(name: str) -> int:
 
 
 @dataclass
-class _Cursor:
-    """Where one source stands: document `perm[cursor]` of `epoch`, `offset` tokens of it already emitted."""
+class _Segment:
+    """The documents of one length range [lo, hi) of a source and how far they are consumed: every one in earlier
+    epochs, and those at positions < `pos` of `perm(epoch)`; a nonzero `offset` means `perm(epoch)[pos]` is partly
+    emitted. Without length buckets a source is one segment [0, inf) and `pos` is the plain cursor."""
 
-    seed: int  # permutation seed; carried across stages so a cursor keeps meaning the same document
+    lo: int
+    hi: int | None
     epoch: int = 0
-    cursor: int = 0
+    pos: int = 0
     offset: int = 0
 
+    def contains(self, length: int) -> bool:
+        return length >= self.lo and (self.hi is None or length < self.hi)
+
+
+@dataclass
+class _Cursor:
+    """Where one source stands: its segments (a partition of document lengths, sorted), each with its own position
+    in the source's per-epoch permutation. Length buckets split segments at their bounds; splitting keeps meaning
+    (each part inherits the position), so a source read through any buckets repeats and skips nothing."""
+
+    seed: int  # permutation seed; carried across stages so a cursor keeps meaning the same document
+    segments: list[_Segment] = field(default_factory=lambda: [_Segment(0, None)])
+
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "cursor": self.cursor, "offset": self.offset}
+        if len(self.segments) == 1:
+            g = self.segments[0]
+            return {"seed": self.seed, "epoch": g.epoch, "cursor": g.pos, "offset": g.offset}
+        # The legacy fields give the frontier before which every document is consumed (what readers of plain
+        # cursors, e.g. the document ledger, can use); `segments` is the exact state.
+        epoch, pos = min((g.epoch, g.pos) for g in self.segments)
+        return {"seed": self.seed, "epoch": epoch, "cursor": pos, "offset": 0,
+                "segments": [[g.lo, g.hi, g.epoch, g.pos, g.offset] for g in self.segments]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> _Cursor:
+        if "segments" not in d:
+            return cls(int(d["seed"]), [_Segment(0, None, int(d["epoch"]), int(d["cursor"]), int(d["offset"]))])
+        segs = [_Segment(int(lo), None if hi is None else int(hi), int(e), int(p), int(o))
+                for lo, hi, e, p, o in d["segments"]]
+        merged = [segs[0]]
+        for g in segs[1:]:  # neighbours in the same state are one segment again
+            m = merged[-1]
+            if (m.epoch, m.pos, m.offset) == (g.epoch, g.pos, g.offset) and not g.offset:
+                m.hi = g.hi
+            else:
+                merged.append(g)
+        return cls(int(d["seed"]), merged)
 
 
 class PackedLoader:
@@ -60,6 +98,7 @@ class PackedLoader:
         world_size: int = 1,
         micro_batch: int | None = None,
         split_documents: bool = True,
+        length_buckets: list[list[Bucket] | None] | None = None,
     ):
         if not sources:
             raise ValueError("PackedLoader needs at least one source")
@@ -88,8 +127,18 @@ class PackedLoader:
         self.sampler = DeficitSampler(weights)
         self.steps = 0
         self._cursors = [_Cursor(seed=seed) for _ in sources]
-        self._active: int | None = None  # source whose current document spills over into the next row
-        self._perms: dict[int, tuple[int, int, np.ndarray]] = {}  # source -> (seed, epoch, permutation)
+        # (source, segment, bucket) whose current document spills over into the next row
+        self._active: tuple[int, int, int] | None = None
+        self._perms: dict[int, dict[tuple[int, int], np.ndarray]] = {}  # source -> {(seed, epoch): permutation}
+        if length_buckets is not None and len(length_buckets) != len(sources):
+            raise ValueError(f"{len(length_buckets)} length-bucket lists for {len(sources)} sources")
+        self.length_buckets = list(length_buckets) if length_buckets is not None else [None] * len(sources)
+        self._lengths = [np.diff(np.asarray(s.offsets, dtype=np.int64)) for s in sources]
+        self._bucket_samplers = [None if b is None else DeficitSampler([w for _, _, w in b])
+                                 for b in self.length_buckets]
+        self._bucket_segs: list[list[list[int]]] = []  # source -> bucket -> its segment indices
+        self._positions: dict[tuple[int, int, int], np.ndarray] = {}  # (source, epoch, segment) -> positions
+        self._refine()
         # Plain numpy views: memmap slicing through the subclass costs more than the copy itself.
         self._tokens = [np.asarray(s.tokens) for s in sources]
         self._offsets = [np.asarray(s.offsets, dtype=np.int64) for s in sources]
@@ -102,37 +151,123 @@ class PackedLoader:
     def permutation(self, source: int, epoch: int) -> np.ndarray:
         """Document order of `source` in `epoch`, seeded by (seed, source name, epoch): independent of the mixture."""
         c = self._cursors[source]
-        cached = self._perms.get(source)
-        if cached is None or cached[:2] != (c.seed, epoch):
+        cache = self._perms.setdefault(source, {})
+        perm = cache.get((c.seed, epoch))
+        if perm is None:
             rng = np.random.default_rng([c.seed & (2**63 - 1), _name_key(self.sources[source].name), epoch])
-            cached = (c.seed, epoch, rng.permutation(self.sources[source].n_docs))
-            self._perms[source] = cached
-        return cached[2]
+            perm = rng.permutation(self.sources[source].n_docs)
+            if len(cache) >= 4:  # segments of one source may stand in different epochs: keep a few
+                cache.pop(next(iter(cache)))
+            cache[(c.seed, epoch)] = perm
+        return perm
+
+    # ---- length buckets ------------------------------------------------------------------------------------
+
+    def _refine(self) -> None:
+        """Split segments at this loader's bucket bounds; map each bucket to its segments; check every bucket with a
+        share has documents."""
+        self._bucket_segs, self._positions = [], {}
+        for s, buckets in enumerate(self.length_buckets):
+            c = self._cursors[s]
+            for lo, hi, _ in buckets or []:
+                for at in (lo, hi):
+                    if at is not None:
+                        self._split(s, at)
+            if buckets is None:
+                self._bucket_segs.append([list(range(len(c.segments)))])
+                continue
+            groups = [[k for k, g in enumerate(c.segments) if g.lo >= lo and (hi is None or (g.hi is not None
+                                                                                          and g.hi <= hi))]
+                      for lo, hi, _ in buckets]
+            self._bucket_segs.append(groups)
+            lengths = self._lengths[s]
+            for lo, hi, share in buckets:
+                inside = (lengths >= lo) & ((lengths < hi) if hi is not None else True)
+                if share > 0 and not inside.any():
+                    raise ValueError(f"source {self.sources[s].name!r}: no document of {lo} <= tokens < "
+                                     f"{hi if hi is not None else 'inf'} for a length bucket with share {share:g} "
+                                     f"(documents have {int(lengths.min())}..{int(lengths.max())} tokens)")
+
+    def _split(self, s: int, at: int) -> None:
+        segs = self._cursors[s].segments
+        for k, g in enumerate(segs):
+            if g.lo < at and (g.hi is None or at < g.hi):
+                right = _Segment(at, g.hi, g.epoch, g.pos, 0)
+                g.hi = at
+                if g.offset:  # the partly emitted document stays with the part that holds its length
+                    doc = int(self.permutation(s, g.epoch)[g.pos])
+                    if right.contains(int(self._lengths[s][doc])):
+                        right.offset, g.offset = g.offset, 0
+                segs.insert(k + 1, right)
+                return
+
+    def _segment_positions(self, s: int, epoch: int, k: int) -> np.ndarray:
+        key = (s, epoch, k)
+        pos = self._positions.get(key)
+        if pos is None:
+            g = self._cursors[s].segments[k]
+            lengths = self._lengths[s][self.permutation(s, epoch)]
+            pos = np.flatnonzero((lengths >= g.lo) & ((lengths < g.hi) if g.hi is not None else True))
+            if len(self._positions) >= 64:
+                self._positions.clear()
+            self._positions[key] = pos
+        return pos
+
+    def _next_document(self, s: int, b: int) -> int:
+        """The segment of bucket `b` of source `s` that serves next (its `pos` set to the document): a partly
+        emitted document first, else the least consumed one (lowest epoch, then permutation order)."""
+        segs = self._cursors[s].segments
+        group = self._bucket_segs[s][b]
+        for k in group:
+            if segs[k].offset:
+                return k
+        if len(segs) == 1:  # no buckets ever: the plain cursor
+            return 0
+        best: tuple[int, int, int] | None = None
+        for k in group:
+            g = segs[k]
+            pos = self._segment_positions(s, g.epoch, k)
+            if not len(pos):
+                continue  # no document of this length range
+            i = int(np.searchsorted(pos, g.pos))
+            if i == len(pos):
+                g.epoch, g.pos = g.epoch + 1, 0
+                i, pos = 0, self._segment_positions(s, g.epoch, k)
+            if best is None or (g.epoch, int(pos[i])) < best[:2]:
+                best = (g.epoch, int(pos[i]), k)
+        assert best is not None, "checked in _refine: every bucket with a share has documents"
+        segs[best[2]].pos = best[1]
+        return best[2]
 
     def _next_row(self) -> list[Segment]:
         segs: list[Segment] = []
         space = self.seq_len
         while space:
             if self._active is None:
-                self._active = self.sampler.pick()
-            s = self._active
-            c = self._cursors[s]
-            doc = int(self.permutation(s, c.epoch)[c.cursor])
-            start = int(self._offsets[s][doc]) + c.offset
+                s = self.sampler.pick()
+                bucket_sampler = self._bucket_samplers[s]
+                b = bucket_sampler.pick() if bucket_sampler is not None else 0
+                self._active = (s, self._next_document(s, b), b)
+            s, k, b = self._active
+            g = self._cursors[s].segments[k]
+            doc = int(self.permutation(s, g.epoch)[g.pos])
+            start = int(self._offsets[s][doc]) + g.offset
             end = int(self._offsets[s][doc + 1])
-            if not self.split_documents and c.offset == 0 and space < end - start <= self.seq_len:
+            if not self.split_documents and g.offset == 0 and space < end - start <= self.seq_len:
                 segs.append((PAD, 0, space))  # the document stays whole: it opens the next row
                 break
             n = min(end - start, space)
             segs.append((s, start, n))
             self.sampler.add(s, n)  # tokens actually emitted, so shares hold for truncated documents too
+            if self._bucket_samplers[s] is not None:
+                self._bucket_samplers[s].add(b, n)
             space -= n
             if start + n == end:
-                c.offset, c.cursor, self._active = 0, c.cursor + 1, None
-                if c.cursor == self.sources[s].n_docs:
-                    c.epoch, c.cursor = c.epoch + 1, 0
+                g.offset, g.pos, self._active = 0, g.pos + 1, None
+                if g.pos == self.sources[s].n_docs:
+                    g.epoch, g.pos = g.epoch + 1, 0
             else:
-                c.offset += n
+                g.offset += n
         return segs
 
     # ---- batches -------------------------------------------------------------------------------------------
@@ -201,19 +336,31 @@ class PackedLoader:
             if d["fingerprint"] != s.fingerprint:
                 raise ValueError(f"source {s.name!r}: cursor was saved for data {d['fingerprint'][:12]}, "
                                  f"this source is {s.fingerprint[:12]}; its documents changed")
-            self._cursors[i] = _Cursor(int(d["seed"]), int(d["epoch"]), int(d["cursor"]), int(d["offset"]))
+            self._cursors[i] = _Cursor.from_dict(d)
+        self._perms.clear()
+        self._refine()
         self._active = None
 
     def epochs(self) -> dict[str, int]:
-        return {s.name: c.epoch for s, c in zip(self.sources, self._cursors)}
+        """Per source the epoch of its least consumed length range."""
+        return {s.name: min(g.epoch for g in c.segments) for s, c in zip(self.sources, self._cursors)}
+
+    def bucket_tokens(self) -> dict[str, list[int]]:
+        """Tokens emitted per length bucket, for the sources with buckets (this loader's lifetime)."""
+        return {s.name: list(b.tokens) for s, b in zip(self.sources, self._bucket_samplers) if b is not None}
 
     def state_dict(self) -> dict:
+        active = None if self._active is None else self._active
         return {
             "version": STATE_VERSION,
             "steps": self.steps,
-            "active": None if self._active is None else self.sources[self._active].name,
+            "active": None if active is None else self.sources[active[0]].name,
+            # the spilling document's segment (by its lower length bound) and bucket
+            "active_segment": None if active is None else self._cursors[active[0]].segments[active[1]].lo,
+            "active_bucket": None if active is None else active[2],
             "sources": self.source_cursors(),
             "sampler": self.sampler.state_dict(),
+            "buckets": {s.name: b.state_dict() for s, b in zip(self.sources, self._bucket_samplers) if b is not None},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -224,5 +371,18 @@ class PackedLoader:
             raise ValueError(f"loader state is for sources {sorted(state['sources'])}, this loader has {names}")
         self.load_source_cursors(state["sources"])
         self.sampler.load_state_dict(state["sampler"])
-        self._active = None if state["active"] is None else names.index(state["active"])
+        saved_buckets = state.get("buckets", {})
+        for s, b in zip(self.sources, self._bucket_samplers):
+            if (b is None) != (s.name not in saved_buckets):
+                raise ValueError(f"source {s.name!r}: loader state was saved "
+                                 f"{'without' if b is not None else 'with'} length buckets; a stage's buckets cannot "
+                                 "change on resume (start a new loader and carry source cursors instead)")
+            if b is not None:
+                b.load_state_dict(saved_buckets[s.name])
+        self._active = None
+        if state["active"] is not None:
+            s = names.index(state["active"])
+            lo = state.get("active_segment", 0)
+            k = next(k for k, g in enumerate(self._cursors[s].segments) if g.contains(lo))
+            self._active = (s, k, int(state.get("active_bucket") or 0))
         self.steps = int(state["steps"])

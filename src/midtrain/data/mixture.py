@@ -52,3 +52,44 @@ class DeficitSampler:
                 "to change the mixture, start a new loader and carry source cursors instead"
             )
         self.tokens = [int(t) for t in state["tokens"]]
+
+
+# --------------------------------------------------------------------------- length buckets
+
+Bucket = tuple[int, int | None, float]  # documents of lo <= tokens < hi (None: no bound) supply `share` of tokens
+
+
+def bucket_of(lengths, buckets: list[Bucket]):
+    """Index of each document's bucket (numpy array), -1 where no bucket holds its length."""
+    import numpy as np
+
+    lengths = np.asarray(lengths)
+    out = np.full(len(lengths), -1, dtype=np.int64)
+    for b, (lo, hi, _) in enumerate(buckets):
+        out[(lengths >= lo) & ((lengths < hi) if hi is not None else True)] = b
+    return out
+
+
+def source_buckets(data, source) -> list[Bucket] | None:
+    """The length buckets of `source` (a TokenizedSource) in a stage whose `data` block (recipe DataConfig) is given.
+
+    `source_length_buckets[name]` wins over `length_buckets`; `upsample_long` (Fu et al. 2024) becomes two buckets,
+    [0, min_tokens) and [min_tokens, inf), with the long share given or derived from the natural token share p of
+    long documents: f*p / (f*p + 1 - p). None: draw documents by the plain per-source order (no buckets), also when
+    upsampling finds no long (or only long) documents in the source.
+    """
+    import numpy as np
+
+    explicit = data.source_length_buckets.get(source.name, data.length_buckets)
+    if explicit is not None:
+        return sorted(((b.min, b.max, float(b.share)) for b in explicit), key=lambda b: b[0])
+    up = data.upsample_long
+    if up is None:
+        return None
+    lengths = np.diff(np.asarray(source.offsets, dtype=np.int64))
+    total = int(lengths.sum())
+    p = int(lengths[lengths >= up.min_tokens].sum()) / total if total else 0.0
+    if p in (0.0, 1.0):
+        return None
+    share = up.share if up.share is not None else up.factor * p / (up.factor * p + 1 - p)
+    return [(0, up.min_tokens, 1 - share), (up.min_tokens, None, share)]

@@ -11,10 +11,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from midtrain.config import Recipe
 from midtrain.data.decontam import Decontaminator
 from midtrain.data.errors import DataError
 from midtrain.data.instruct import InstructionFormat, add_special_tokens
+from midtrain.data.mixture import bucket_of, source_buckets
 from midtrain.data.tokenize import TokenizedSource, default_cache_dir, tokenize_source
 from midtrain.io import write_json_atomic
 
@@ -128,11 +131,63 @@ def mixture_usage(recipe: Recipe, sources: list[TokenizedSource]) -> list[Source
     return rows
 
 
+@dataclass
+class BucketUse:
+    stage: str
+    source: str
+    lo: int
+    hi: int | None
+    share: float  # of the source's tokens in the stage
+    stage_share: float  # of the stage's tokens
+    planned_tokens: int
+    bucket_tokens: int  # tokens of the source's documents in this length range
+    documents: int
+    epochs_cumulative: float  # the source's epochs before the stage + this bucket's epochs in it
+    max_epochs: float | None
+
+    @property
+    def label(self) -> str:
+        return f"[{self.lo:,}, {'inf' if self.hi is None else f'{self.hi:,}'})"
+
+    @property
+    def over_cap(self) -> bool:
+        return self.max_epochs is not None and self.epochs_cumulative > self.max_epochs + 1e-9
+
+
+def bucket_usage(recipe: Recipe, sources: list[TokenizedSource]) -> list[BucketUse]:
+    """Planned tokens per stage, source and length bucket (stages with `length_buckets` / `upsample_long`)."""
+    by_name = {s.name: s for s in sources}
+    stages = {s.name: s for s in recipe.stages}
+    rows = []
+    for u in mixture_usage(recipe, sources):
+        src = by_name[u.source]
+        buckets = source_buckets(stages[u.stage].data, src)
+        if not buckets:
+            continue
+        before = u.epochs_cumulative - u.planned_tokens / max(1, u.source_tokens)
+        lengths = np.diff(np.asarray(src.offsets, dtype=np.int64))
+        which = bucket_of(lengths, buckets)
+        for b, (lo, hi, share) in enumerate(buckets):
+            inside = lengths[which == b]
+            planned, tokens = round(u.planned_tokens * share), int(inside.sum())
+            epochs = planned / tokens if tokens else float("inf") if planned else 0.0
+            rows.append(BucketUse(u.stage, u.source, lo, hi, share, u.weight * share, planned, tokens, len(inside),
+                                  before + epochs, u.max_epochs))
+    return rows
+
+
 def check_epoch_caps(recipe: Recipe, sources: list[TokenizedSource]) -> list[str]:
-    """Problems (sources planned beyond their `max_epochs`) and notes (sources repeated at all)."""
+    """Problems (sources or length buckets planned beyond their `max_epochs`, buckets without documents)."""
     problems = []
     for u in mixture_usage(recipe, sources):
         if u.over_cap:
             problems.append(f"source {u.source!r} reaches {u.epochs_cumulative:.2f} epochs by the end of stage "
                             f"{u.stage!r}, above its max_epochs={u.max_epochs} ({u.source_tokens} tokens)")
+    for b in bucket_usage(recipe, sources):
+        if b.share > 0 and not b.documents:
+            problems.append(f"stage {b.stage!r}: source {b.source!r} has no documents of {b.label} tokens for its "
+                            f"length bucket (share {b.share:g})")
+        elif b.over_cap:
+            problems.append(f"source {b.source!r}: its documents of {b.label} tokens reach "
+                            f"{b.epochs_cumulative:.2f} epochs in stage {b.stage!r}, above max_epochs={b.max_epochs}")
     return problems

@@ -20,6 +20,7 @@ import transformers
 from midtrain.config import Recipe, dump_recipe
 from midtrain.context import apply_rope, stage_rope_issues
 from midtrain.data import PackedLoader, TokenizedSource, byte_tokenizer, default_cache_dir
+from midtrain.data.mixture import source_buckets
 from midtrain.eval.heldout import heldout_metrics, pack_documents
 from midtrain.io import write_text_atomic
 from midtrain.model import (
@@ -267,6 +268,7 @@ def _make_loader(ctx: RunContext, stage: StagePlan) -> tuple[PackedLoader, list[
         world_size=ctx.dist.world_size,
         micro_batch=ctx.recipe.stages[stage.index].batch.micro,
         split_documents=ctx.recipe.stages[stage.index].data.split_documents,
+        length_buckets=[source_buckets(ctx.recipe.stages[stage.index].data, ctx.sources[i]) for i in used],
     )
     return loader, used
 
