@@ -207,3 +207,41 @@ def test_inspect_prints_the_planned_bucket_shares(tmp_path, monkeypatch):
     a_long = next(r for r in rows if "│ a " in r and "[400, inf)" in r)
     assert "75.0%" in a_long and "37.5%" in a_long and "15,360" in a_long  # 40960 * 0.5 * 0.75
     assert any("│ b " in r and "[0, inf)" in r and "100.0%" in r for r in rows)
+
+
+def _bucket_recipe(tmp_path, data: str, extra_stage: str = "", max_epochs: str = "null"):
+    from midtrain.config import load_recipe
+
+    write_jsonl(tmp_path / "a.jsonl", _texts(90, 4))
+    stage = ("{{name: {name}, tokens: 40960, seq_len: 256, batch: {{tokens: 2048}}, schedule: {{kind: constant, "
+             "peak_lr: 1e-3}}, data: {data}{extra}}}")
+    (tmp_path / "r.yaml").write_text(
+        "base: preset:tiny-llama\ntokenizer: bytes\n"
+        f"sources:\n  - {{name: a, path: a.jsonl, holdout_docs: 0, max_epochs: {max_epochs}}}\nstages:\n"
+        f"  - {stage.format(name='one', data='{mixture: {a: 1}}', extra='')}\n"
+        f"  - {stage.format(name='two', data=data, extra=extra_stage)}\n")
+    return load_recipe(tmp_path / "r.yaml")
+
+
+def test_run_checks_refuse_empty_buckets_and_buckets_beyond_their_cap(tmp_path):
+    from midtrain.data.prepare import check_epoch_caps, tokenize_recipe_sources
+
+    recipe = _bucket_recipe(tmp_path, "{mixture: {a: 1}, length_buckets: [{max: 5000, share: 0.5}, "
+                                      "{min: 5000, share: 0.5}]}")
+    sources = tokenize_recipe_sources(recipe, byte_tokenizer(), cache_dir=tmp_path / "c")
+    assert check_epoch_caps(recipe, sources) == [
+        "stage 'two': source 'a' has no documents of [5,000, inf) tokens for its length bucket (share 0.5)"]
+    capped = _bucket_recipe(tmp_path, "{mixture: {a: 1}, upsample_long: {min_tokens: 400, share: 0.9}}",
+                            max_epochs="2.2")
+    [problem] = check_epoch_caps(capped, tokenize_recipe_sources(capped, byte_tokenizer(), cache_dir=tmp_path / "c"))
+    assert problem.startswith("source 'a': its documents of [400, inf) tokens reach") and "max_epochs=2.2" in problem
+
+
+def test_seed_branches_with_buckets_are_a_recipe_error(tmp_path):
+    from midtrain.config.recipe import recipe_problems
+
+    recipe = _bucket_recipe(tmp_path, "{mixture: {a: 1}, upsample_long: {min_tokens: 400, factor: 2}}")
+    stages = [recipe.stages[0], recipe.stages[1].model_copy(update={"seeds": [1, 2]})]
+    problems = recipe_problems(recipe.model_copy(update={"stages": stages}))
+    assert ((("stages", 1, "seeds"), "seed branches do not support length buckets / upsample_long yet")
+            in problems)
