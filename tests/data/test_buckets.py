@@ -243,5 +243,8 @@ def test_seed_branches_with_buckets_are_a_recipe_error(tmp_path):
     recipe = _bucket_recipe(tmp_path, "{mixture: {a: 1}, upsample_long: {min_tokens: 400, factor: 2}}")
     stages = [recipe.stages[0], recipe.stages[1].model_copy(update={"seeds": [1, 2]})]
     problems = recipe_problems(recipe.model_copy(update={"stages": stages}))
-    assert ((("stages", 1, "seeds"), "seed branches do not support length buckets / upsample_long yet")
-            in problems)
+    message = "seed branches do not support length buckets / upsample_long (in this or an earlier stage) yet"
+    assert (("stages", 1, "seeds"), message) in problems
+    buckets_first = [recipe.stages[1].model_copy(update={"name": "zero"}), *stages]
+    problems = recipe_problems(recipe.model_copy(update={"stages": buckets_first}))
+    assert (("stages", 2, "seeds"), message) in problems  # cursors stay segmented after a bucketed stage

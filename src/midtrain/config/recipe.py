@@ -464,9 +464,13 @@ def recipe_problems(recipe: Recipe) -> list[Problem]:
             elif not in_stage:
                 problems.append(((*at, "data", "source_length_buckets", name),
                                  f"source {name!r} has no weight in this stage's mixture"))
-        has_buckets = stage.data.length_buckets or stage.data.source_length_buckets or stage.data.upsample_long
-        if has_buckets and stage.seeds is not None:
-            problems.append(((*at, "seeds"), "seed branches do not support length buckets / upsample_long yet"))
+        # seed branches reorder the unconsumed part of a plain cursor; length-segmented cursors (from this or an
+        # earlier stage with buckets) have no single such part
+        bucketed = any(st.data.length_buckets or st.data.source_length_buckets or st.data.upsample_long
+                       for st in recipe.stages[: i + 1])
+        if bucketed and stage.seeds is not None:
+            problems.append(((*at, "seeds"), "seed branches do not support length buckets / upsample_long (in this "
+                             "or an earlier stage) yet"))
         replay = stage.data.replay
         if replay is not None:
             earlier = [s.name for s in recipe.stages[:i]]
