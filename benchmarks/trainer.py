@@ -3,9 +3,13 @@
 Both sides train the same model (`preset_config(...)`, same init seed), on the same token ids (two `PackedLoader`s
 with the same seed over the same in-memory documents, a few per row), with the same global batch and seq_len.
 
-* **midtrain**: `Trainer.train_step()` with `PackedLoader`, `forward_packed` (document-masked SDPA), `build_optimizer`
-  (AdamW, weight-decay groups), grad clipping at 1.0, a cosine `StagePlan` from `build_plan`, `callbacks=[]`.
+* **midtrain**: `Trainer.train_step()` with `PackedLoader`, `forward_packed` (document-confined attention: one
+  `is_causal` SDPA call per group of similar-length documents on CPU), the in-place cross-entropy, `build_optimizer`
+  (fused AdamW, weight-decay groups), grad clipping at 1.0, a cosine `StagePlan` from `build_plan`, `callbacks=[]`.
   Precision `resolve_precision("auto", cpu)` (its default), plus explicit `fp32` and `bf16-mixed`.
+* **midtrain reference path** (fp32 only): the same trainer with the dense 4D document mask
+  (`forward_packed(segments=False)`) and `F.cross_entropy` (`inplace_loss=False`): the step before those two
+  optimisations, timed in the same interleaved group so old/new is a same-run ratio.
 * **plain HF**: `AutoModelForCausalLM.from_config(config)` (default attention, fp32), `torch.optim.AdamW(params, lr)`,
   `model(input_ids=..., labels=...)`, `loss.backward()`, `optimizer.step()`, `optimizer.zero_grad()`. Its bf16
   variant wraps the forward in `torch.autocast("cpu", dtype=torch.bfloat16)` as the docs do.
@@ -92,8 +96,13 @@ def make_stage(seq_len: int, batch_tokens: int, steps: int = 1000):
 # --------------------------------------------------------------------------- the two loops
 
 
-def midtrain_step(preset: str, seq_len: int, batch_tokens: int, precision: str, source) -> Callable[[], dict]:
-    """One `Trainer.train_step()` of midtrain's real trainer, exactly as `midtrain run` builds it (no callbacks)."""
+def midtrain_step(
+    preset: str, seq_len: int, batch_tokens: int, precision: str, source, reference: bool = False
+) -> Callable[[], dict]:
+    """One `Trainer.train_step()` of midtrain's real trainer, exactly as `midtrain run` builds it (no callbacks).
+    `reference`: dense-mask attention and F.cross_entropy instead (the pre-optimisation step, same results)."""
+    import functools
+
     from midtrain.model import build_model, forward_packed, preset_config
     from midtrain.train.distributed import DistInfo
     from midtrain.train.optim import build_optimizer
@@ -109,12 +118,13 @@ def midtrain_step(preset: str, seq_len: int, batch_tokens: int, precision: str, 
         optimizer=optimizer,
         loader=make_loader(source, seq_len, batch_tokens),
         stage=stage,
-        forward=forward_packed,
+        forward=functools.partial(forward_packed, segments=False) if reference else forward_packed,
         dist=DistInfo(),
         domains=["bench"],
         precision=precision,
         grad_clip=stage_cfg.optimizer.grad_clip,
         callbacks=[],
+        inplace_loss=not reference,
     )
     return trainer.train_step
 
@@ -169,11 +179,11 @@ def _row(preset, seq_len, batch_tokens, loop, precision, role, timing: Timing) -
 
 
 def run_group(preset, seq_len, batch_tokens, specs, source, warmup, repeats, log) -> dict[str, Timing]:
-    """specs: name -> ("midtrain", precision) | ("plain", precision); timed interleaved, then freed."""
+    """specs: name -> ("midtrain" | "midtrain-ref" | "plain", precision); timed interleaved, then freed."""
     steps = {}
     for name, (loop, precision) in specs.items():
-        if loop == "midtrain":
-            steps[name] = midtrain_step(preset, seq_len, batch_tokens, precision, source)
+        if loop in ("midtrain", "midtrain-ref"):
+            steps[name] = midtrain_step(preset, seq_len, batch_tokens, precision, source, loop == "midtrain-ref")
         else:
             steps[name] = plain_step(preset, seq_len, batch_tokens, precision == "bf16-mixed", source)
     log(f"{preset} seq {seq_len}, {batch_tokens} tokens/step: {', '.join(specs)} (warm-up {warmup}, {repeats} steps)")
@@ -200,7 +210,8 @@ def bench_trainer(quick: bool = False, repeats: int | None = None, log: Callable
     rows, summary = [], []
     for preset in presets:
         for seq_len in seq_lens:
-            specs = {"midtrain fp32": ("midtrain", "fp32"), "plain fp32": ("plain", "fp32")}
+            specs = {"midtrain fp32": ("midtrain", "fp32"), "midtrain ref fp32": ("midtrain-ref", "fp32"),
+                     "plain fp32": ("plain", "fp32")}
             if auto != "fp32":  # on bf16-native hardware the default is its own configuration
                 specs = {"midtrain auto": ("midtrain", auto), **specs}
             t = run_group(preset, seq_len, batch_tokens, specs, source, warmup, n, log)
@@ -208,6 +219,8 @@ def bench_trainer(quick: bool = False, repeats: int | None = None, log: Callable
             rows.append(_row(preset, seq_len, batch_tokens, "midtrain", f"auto->{auto}", "defaults", m_auto))
             if auto != "fp32":
                 rows.append(_row(preset, seq_len, batch_tokens, "midtrain", "fp32", "equal", t["midtrain fp32"]))
+            rows.append(_row(preset, seq_len, batch_tokens, "midtrain reference path", "fp32", "reference",
+                             t["midtrain ref fp32"]))
             rows.append(_row(preset, seq_len, batch_tokens, "plain HF", "fp32", "defaults", t["plain fp32"]))
             plain_tps = batch_tokens / t["plain fp32"].median
             summary.append({
@@ -219,6 +232,16 @@ def bench_trainer(quick: bool = False, repeats: int | None = None, log: Callable
                 "model": preset, "seq_len": seq_len, "comparison": "midtrain / plain, equal precision",
                 "precision": "fp32", "ratio": batch_tokens / t["midtrain fp32"].median / plain_tps,
                 "target": TARGET_EQUAL,
+            })
+            summary.append({
+                "model": preset, "seq_len": seq_len, "comparison": "midtrain reference path / plain",
+                "precision": "fp32", "ratio": batch_tokens / t["midtrain ref fp32"].median / plain_tps,
+                "target": None,
+            })
+            summary.append({
+                "model": preset, "seq_len": seq_len, "comparison": "midtrain / midtrain reference path",
+                "precision": "fp32", "ratio": t["midtrain ref fp32"].median / t["midtrain fp32"].median,
+                "target": None,
             })
         for seq_len in bf16_seq_lens:
             specs = {"midtrain bf16": ("midtrain", "bf16-mixed"), "plain bf16": ("plain", "bf16-mixed")}
@@ -245,6 +268,8 @@ def bench_trainer(quick: bool = False, repeats: int | None = None, log: Callable
         "the step's start (the step's activations, logits, gradients and first-step optimizer state)",
         "plain HF computes loss over every position (labels = input_ids); midtrain masks document starts, "
         "confines attention to documents, clips gradients and keeps per-source loss sums",
+        "midtrain reference path: the same trainer with the dense 4D document mask and F.cross_entropy (the step "
+        "before per-document attention and the in-place cross-entropy; losses equal to 1e-5)",
     ]
     return BenchResult(
         name="trainer",

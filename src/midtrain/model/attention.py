@@ -4,13 +4,26 @@ A packed row holds several documents; `position_ids` restart at 0 at every docum
 causal *and* stay inside a document. We hand transformers an explicit 4D mask because it is returned as-is by
 `masking_utils` for every attention backend and does not depend on its packed-sequence detection, which is
 skipped as soon as a KV cache exists (the config default `use_cache=True` creates one even in training).
+
+On CPU, SDPA with an explicit mask computes every [T, T] block (no causal skipping) and expands GQA heads, which
+costs about twice `is_causal` (REFERENCE §5). So for `sdpa` models `forward_packed` also hands the attention a
+`DocumentSegments` plan: every document is cut out, documents of similar length are batched into one
+`is_causal=True` SDPA call, and the attention costs about the sum of squared document lengths instead of B x T².
+The plan travels as a model kwarg to midtrain's wrapper of transformers' "sdpa" attention function; without it
+(evaluation, generation, other callers) the wrapper is transformers' own function. The 4D mask is still passed,
+so a model whose attention bypasses the wrapper stays correct, only slower.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from midtrain.model.hf import unwrap_model
 
@@ -59,19 +72,226 @@ def document_block_mask(position_ids: torch.Tensor):
     return create_block_mask(same_document_causal, b, None, t, t, device=position_ids.device)
 
 
-def forward_packed(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+# --------------------------------------------------------------------------- per-document attention
+
+
+@dataclass(frozen=True)
+class DocumentSegments:
+    """Where each document of a packed [B, T] batch sits, grouped for batched `is_causal` SDPA calls.
+
+    Tokens are addressed in the flattened [B*T] order. Group g holds `counts[g]` windows of `widths[g]` tokens;
+    window i of a group starts at a document's first token and covers the document (width >= its length). Tokens
+    of a window past the document's end are never attended by the document's queries (causal), so they may be
+    anything: their outputs are dropped and their gradients are exactly zero. `gather` lists every window's token
+    indices, group after group; `scatter[t]` is the row of token t's output in that concatenation; `padding` lists
+    the window rows past a document's end.
+    """
+
+    batch: int
+    seq_len: int
+    widths: tuple[int, ...]
+    counts: tuple[int, ...]
+    gather: torch.Tensor  # [sum(counts * widths)] int64
+    scatter: torch.Tensor  # [B * T] int64
+    padding: torch.Tensor  # [sum(counts * widths) - B * T] int64
+
+    @staticmethod
+    def from_position_ids(
+        position_ids: torch.Tensor, quantum: int | None = None, group_cost: float | None = None
+    ) -> DocumentSegments:
+        """Documents start where position_ids == 0 (and at every row start).
+
+        Lengths are first rounded up to a multiple of `quantum` (default T // 64), then grouped so that
+        sum over groups of (group_cost + count * width²) is smallest (`_group_widths`): each SDPA call has a fixed
+        cost (several thread-pool barriers, expensive on a loaded machine) next to its work (∝ width²).
+        `group_cost` is in token² units, default (T / 8)²; 0 with `quantum=1` gives one group per distinct length.
+        """
+        b, t = position_ids.shape
+        device = position_ids.device
+        flat = position_ids.reshape(-1)
+        is_start = flat == 0
+        is_start[::t] = True
+        starts = is_start.nonzero().squeeze(1)
+        lengths = torch.diff(starts, append=torch.tensor([b * t], device=device))
+        q = quantum or max(1, t // 64)
+        rounded = torch.clamp((lengths + q - 1) // q * q, max=t)
+        values, counts = torch.unique(rounded, return_counts=True)
+        cost = (t / 8) ** 2 if group_cost is None else group_cost
+        width_of = dict(zip(values.tolist(), _group_widths(values.tolist(), counts.tolist(), cost)))
+        widths = torch.tensor([width_of[w] for w in rounded.tolist()], device=device)
+        order = torch.argsort(widths, stable=True)
+        group_widths, group_counts = torch.unique_consecutive(widths[order], return_counts=True)
+        gathers, paddings, scatter = [], [], torch.empty(b * t, dtype=torch.long, device=device)
+        offset = 0
+        for w, idx in zip(group_widths.tolist(), torch.split(order, group_counts.tolist())):
+            j = torch.arange(w, device=device)
+            inside = j[None, :] < lengths[idx, None]  # [n, w]
+            tokens = starts[idx, None] + j[None, :]
+            gathers.append(torch.where(inside, tokens, starts[idx, None]).reshape(-1))
+            rows = offset + torch.arange(len(idx) * w, device=device).view(len(idx), w)
+            scatter[tokens[inside]] = rows[inside]
+            paddings.append(rows[~inside])
+            offset += len(idx) * w
+        return DocumentSegments(b, t, tuple(group_widths.tolist()), tuple(group_counts.tolist()),
+                                torch.cat(gathers), scatter, torch.cat(paddings))
+
+
+def _group_widths(values: list[int], counts: list[int], group_cost: float) -> list[int]:
+    """Window width for each of the sorted distinct lengths `values` (with `counts` documents each): contiguous runs
+    share their largest value as width, the runs chosen by dynamic programming to minimise
+    sum(group_cost + documents * width²). O(len(values)²), and len(values) <= 64 after rounding."""
+    k = len(values)
+    best = [0.0] + [float("inf")] * k
+    cut = [0] * (k + 1)
+    for j in range(1, k + 1):
+        n, w2 = 0, values[j - 1] ** 2
+        for i in range(j - 1, -1, -1):  # group = values[i:j]
+            n += counts[i]
+            c = best[i] + group_cost + n * w2
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out = [0] * k
+    j = k
+    while j > 0:
+        i = cut[j]
+        out[i:j] = [values[j - 1]] * (j - i)
+        j = i
+    return out
+
+
+def segment_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: DocumentSegments,
+    *,
+    scale: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Document-causal attention of query [B, H, T, D] and key/value [B, Hkv, T, D] -> output [B, T, H, D].
+
+    Equal to SDPA with `document_causal_mask`, at the cost of one `is_causal` SDPA call per window width.
+    """
+    b, h, t = query.shape[:3]
+    into_windows = (segments.gather, None, segments.scatter, None)
+    from_windows = (segments.scatter, None, segments.gather, segments.padding)
+
+    def windows(x: torch.Tensor) -> list[torch.Tensor]:  # [B, H, T, D] -> per group [n, H, w, D]
+        flat = x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[-1])
+        picked = _RowGather.apply(flat, *into_windows)
+        picked = picked.split([n * w for n, w in zip(segments.counts, segments.widths)])
+        return [p.view(n, w, x.shape[1], x.shape[-1]).transpose(1, 2) for p, n, w in
+                zip(picked, segments.counts, segments.widths)]
+
+    gqa = key.shape[1] != h
+    outs = [
+        F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
+        .transpose(1, 2)
+        .reshape(-1, h, value.shape[-1])
+        for qg, kg, vg in zip(windows(query), windows(key), windows(value))
+    ]
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return _RowGather.apply(out, *from_windows).view(b, t, h, value.shape[-1])
+
+
+class _RowGather(torch.autograd.Function):
+    """y = x[index] (rows in `zero` set to 0), where x[i] = y[back_index] (rows `back_zero` 0) inverts it: the
+    gradient is a gather too. `index_select`'s own backward would zero-fill a buffer and scatter-add into it."""
+
+    @staticmethod
+    def forward(ctx, x, index, zero, back_index, back_zero):
+        ctx.back = (back_index, back_zero)
+        y = x.index_select(0, index)
+        return y if zero is None else y.index_fill_(0, zero, 0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        back_index, back_zero = ctx.back
+        g = grad.index_select(0, back_index)
+        return (g if back_zero is None else g.index_fill_(0, back_zero, 0)), None, None, None, None
+
+
+def use_segments(model: torch.nn.Module, position_ids: torch.Tensor) -> bool:
+    """Per-document attention where it is measured to pay: CPU, eager (not torch.compile: the plan's Python ints
+    would recompile every step), and a config without sliding windows shorter than the row."""
+    if position_ids.device.type != "cpu" or _is_compiled(model):
+        return False
+    return _segment_safe(unwrap_model(model).config, position_ids.shape[-1])
+
+
+def _is_compiled(model: torch.nn.Module) -> bool:
+    while True:
+        if hasattr(model, "_orig_mod"):
+            return True
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return False
+        model = inner
+
+
+def _segment_safe(config: Any, seq_len: int) -> bool:
+    # A sliding window at least as long as the row never cuts a document: the mask is plain document-causal.
+    if getattr(config, "attention_chunk_size", None):  # Llama 4's chunked attention: another mask pattern
+        return False
+    window = getattr(config, "sliding_window", None)
+    return window is None or not getattr(config, "use_sliding_window", True) or window >= seq_len
+
+
+def _wrap_sdpa(original: Callable) -> Callable:
+    def sdpa_with_document_segments(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                    is_causal=None, **kwargs):
+        segments = kwargs.pop("document_segments", None)
+        if (
+            segments is None
+            or kwargs.get("position_bias") is not None
+            or kwargs.get("cache") is not None
+            or kwargs.get("softcap") is not None
+            or not getattr(module, "is_causal", True)
+            or is_causal is False
+            or query.shape[2] != segments.seq_len
+            or key.shape[2] != segments.seq_len
+            or torch.compiler.is_compiling()
+        ):
+            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                            is_causal=is_causal, **kwargs)
+        return segment_attention(query, key, value, segments, scale=scaling, dropout=dropout), None
+
+    sdpa_with_document_segments.__wrapped__ = original  # type: ignore[attr-defined]
+    return sdpa_with_document_segments
+
+
+def _install() -> None:
+    """Wrap transformers' "sdpa" attention function once per process (idempotent under re-import)."""
+    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if getattr(current, "__name__", "") != "sdpa_with_document_segments":
+        AttentionInterface.register("sdpa", _wrap_sdpa(current))
+
+
+_install()
+
+
+def forward_packed(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, segments: bool | None = None, **kwargs: Any
+) -> torch.Tensor:
     """Logits [B, T, V] of a packed batch, attention confined to each document. No loss is computed here.
 
     `model` may be wrapped (DDP, torch.compile): it is called as given so wrappers keep working; the config is read
-    from the unwrapped model. Extra `kwargs` go to the model's forward.
+    from the unwrapped model. `segments` picks per-document `is_causal` attention for multi-document rows of `sdpa`
+    models (None: where it pays, see `use_segments`; False: the 4D mask alone). Extra `kwargs` go to the forward.
     """
-    impl = unwrap_model(model).config._attn_implementation
+    config = unwrap_model(model).config
+    impl = config._attn_implementation
     position_ids = batch["position_ids"]
     if not bool((position_ids[:, 1:] == 0).any()):
         # One document per row: plain causal attention, which sdpa runs without materialising a [T, T] mask.
         mask = None
     elif impl in _BOOL_MASK_IMPLS:
         mask = document_causal_mask(position_ids)
+        if segments if segments is not None else use_segments(model, position_ids):
+            if not _segment_safe(config, position_ids.shape[-1]):
+                raise ValueError("forward_packed(segments=True) needs a model without sliding-window attention")
+            kwargs["document_segments"] = DocumentSegments.from_position_ids(position_ids)
     elif impl in _ADDITIVE_MASK_IMPLS:
         # fp32 scores: the masked entries must dwarf any score; bf16 scores are promoted when added.
         mask = document_causal_mask(position_ids, additive=True, dtype=torch.float32)

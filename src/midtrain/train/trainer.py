@@ -82,6 +82,9 @@ class Trainer:
     on_fault: Callable[[Trainer, str, float], bool] | None = None
     forced_skips: dict[int, str] = field(default_factory=dict)
     step_label_count: float = 0.0  # predicted tokens of the current step over all ranks (the loss normaliser)
+    # backward writes the logits' gradient into their own storage (midtrain.train.loss.inplace_cross_entropy): no
+    # fresh logits-sized buffers per micro-batch; False computes the same loss with F.cross_entropy
+    inplace_loss: bool = True
 
     @property
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -124,7 +127,8 @@ class Trainer:
                 # A forward may also return an auxiliary loss (e.g. an MoE router's, coefficient included): a mean over
                 # the micro-batch, weighted by its share of the step's labels like the token loss.
                 logits, aux = logits if isinstance(logits, tuple) else (logits, None)
-                loss_sum, per_source, counts = token_loss_sums(logits, mb["labels"], mb["source_ids"], n_sources)
+                loss_sum, per_source, counts = token_loss_sums(logits, mb["labels"], mb["source_ids"], n_sources,
+                                                               reuse_logits=self.inplace_loss)
                 # Data-parallel wrappers average gradients over ranks; scaling by world size turns that into a sum.
                 objective = loss_sum * (self.dist.world_size / global_count)
                 if aux is not None:
