@@ -88,6 +88,16 @@ def test_shards_equal_a_one_document_at_a_time_reference(tmp_path, bpe, monkeypa
     assert src.skips.examples == [f"{path}:{n}: {r}" for n, r in zip(bad_lines, reasons)]
 
 
+def test_records_only_the_stdlib_parses_keep_their_skip_reasons(tmp_path, bpe):
+    """orjson reads lines first; what it rejects but json accepts is classified as before."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": NaN}\n{"text": "lone \\ud800"}\n{"text": "big", "n": 123456789012345678901234567890}\n'
+                     b'\xef\xbb\xbf{"text": "bom"}\n{"text": "fine"}\n')
+    src = tokenize_source("s", path, "text", bpe, holdout_docs=0, cache_dir=tmp_path / "c")
+    assert src.n_docs == 2 and src.skips.counts == {"not_string": 1, "non_utf8": 1, "invalid_json": 1}
+    assert src.skips.examples == [f"{path}:1: not_string", f"{path}:2: non_utf8", f"{path}:4: invalid_json"]
+
+
 def test_encode_error_in_a_worker_leaves_no_cache(tmp_path, bpe, monkeypatch):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in random_texts(200, seed=3, hi=500)))

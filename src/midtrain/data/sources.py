@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import orjson
+
 from midtrain.data.errors import DataError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")
@@ -157,15 +159,18 @@ def _iter_jsonl(file: PathLike, skips: SkipReport) -> Iterator[tuple[dict, str]]
                     continue  # blank lines separate nothing and are not records
                 loc = f"{file}:{lineno}"
                 try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    skips.add("non_utf8", loc)
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    skips.add("invalid_json", loc)
-                    continue
+                    record = orjson.loads(raw)  # ~3x json.loads; strict, so a failure is classified below
+                except orjson.JSONDecodeError:
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        skips.add("non_utf8", loc)
+                        continue
+                    try:  # what the stdlib accepts beyond orjson (NaN, lone surrogates, huge ints) stays readable
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        skips.add("invalid_json", loc)
+                        continue
                 if not isinstance(record, dict):
                     skips.add("not_object", loc)
                     continue
