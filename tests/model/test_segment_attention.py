@@ -136,7 +136,7 @@ def test_forward_packed_segments_match_the_mask_path(gqa_model, preset):
     attn.segment_attention = spy
     try:
         assert use_segments(model, pos)
-        new, new_grads = _logits_and_grads(model, batch)  # default: segments on CPU
+        new, new_grads = _logits_and_grads(model, batch, segments=True)
         assert len(calls) == model.config.num_hidden_layers
         old, old_grads = _logits_and_grads(model, batch, segments=False)
         assert len(calls) == model.config.num_hidden_layers
@@ -164,3 +164,25 @@ def test_segments_are_not_used_where_they_would_not_pay_or_be_wrong(gqa_model):
         forward_packed(windowed, {"input_ids": torch.zeros_like(pos), "position_ids": pos}, segments=True)
     config.sliding_window = 64  # as long as the row: harmless
     assert use_segments(build_model(config, seed=0), pos)
+
+
+def test_the_default_uses_segments_only_where_they_save_most_of_the_work(gqa_model):
+    many = positions([[8] * 8, [16] * 4])  # short documents: a fraction of the dense mask's work
+    few = positions([[60, 4], [64]])  # mostly one long document per row: not worth the extra kernels
+    assert DocumentSegments.from_position_ids(many).worth_it()
+    assert not DocumentSegments.from_position_ids(few).worth_it()
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, **kwargs):
+            seen.append("document_segments" in kwargs)
+            return self.module(**kwargs)
+
+    with torch.no_grad():
+        for pos in (many, few):
+            forward_packed(Spy(gqa_model), {"input_ids": torch.zeros_like(pos), "position_ids": pos})
+    assert seen == [True, False]

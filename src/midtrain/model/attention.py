@@ -75,6 +75,13 @@ def document_block_mask(position_ids: torch.Tensor):
 # --------------------------------------------------------------------------- per-document attention
 
 
+# Fixed cost of one SDPA call, as the side of an equally expensive window in units of T: (T * GROUP_COST)² token².
+GROUP_COST = 1 / 4
+# Use the plan only if its estimated work (sum of count * width² plus the calls' fixed costs) is at most this
+# fraction of the dense mask's B * T²: below ~2x the saving is eaten by the extra kernels (measured, docs/PERFORMANCE).
+WORTH_IT = 0.5
+
+
 @dataclass(frozen=True)
 class DocumentSegments:
     """Where each document of a packed [B, T] batch sits, grouped for batched `is_causal` SDPA calls.
@@ -95,6 +102,14 @@ class DocumentSegments:
     scatter: torch.Tensor  # [B * T] int64
     padding: torch.Tensor  # [sum(counts * widths) - B * T] int64
 
+    def cost(self) -> float:
+        """Estimated attention work in token² units (the dense mask path: batch * seq_len²)."""
+        fixed = (self.seq_len * GROUP_COST) ** 2
+        return sum(n * w * w + fixed for n, w in zip(self.counts, self.widths))
+
+    def worth_it(self) -> bool:
+        return self.cost() <= WORTH_IT * self.batch * self.seq_len**2
+
     @staticmethod
     def from_position_ids(
         position_ids: torch.Tensor, quantum: int | None = None, group_cost: float | None = None
@@ -104,7 +119,8 @@ class DocumentSegments:
         Lengths are first rounded up to a multiple of `quantum` (default T // 64), then grouped so that
         sum over groups of (group_cost + count * width²) is smallest (`_group_widths`): each SDPA call has a fixed
         cost (several thread-pool barriers, expensive on a loaded machine) next to its work (∝ width²).
-        `group_cost` is in token² units, default (T / 8)²; 0 with `quantum=1` gives one group per distinct length.
+        `group_cost` is in token² units, default (T * GROUP_COST)²; 0 with `quantum=1` gives one group per distinct
+        length.
         """
         b, t = position_ids.shape
         device = position_ids.device
@@ -116,7 +132,7 @@ class DocumentSegments:
         q = quantum or max(1, t // 64)
         rounded = torch.clamp((lengths + q - 1) // q * q, max=t)
         values, counts = torch.unique(rounded, return_counts=True)
-        cost = (t / 8) ** 2 if group_cost is None else group_cost
+        cost = (t * GROUP_COST) ** 2 if group_cost is None else group_cost
         width_of = dict(zip(values.tolist(), _group_widths(values.tolist(), counts.tolist(), cost)))
         widths = torch.tensor([width_of[w] for w in rounded.tolist()], device=device)
         order = torch.argsort(widths, stable=True)
@@ -278,7 +294,8 @@ def forward_packed(
 
     `model` may be wrapped (DDP, torch.compile): it is called as given so wrappers keep working; the config is read
     from the unwrapped model. `segments` picks per-document `is_causal` attention for multi-document rows of `sdpa`
-    models (None: where it pays, see `use_segments`; False: the 4D mask alone). Extra `kwargs` go to the forward.
+    models (None: where it pays, see `use_segments` and `DocumentSegments.worth_it`; False: the 4D mask alone; True:
+    always). Extra `kwargs` go to the forward.
     """
     config = unwrap_model(model).config
     impl = config._attn_implementation
@@ -288,7 +305,11 @@ def forward_packed(
         mask = None
     elif impl in _BOOL_MASK_IMPLS:
         mask = document_causal_mask(position_ids)
-        if segments if segments is not None else use_segments(model, position_ids):
+        if segments is None and use_segments(model, position_ids):
+            plan = DocumentSegments.from_position_ids(position_ids)
+            if plan.worth_it():
+                kwargs["document_segments"] = plan
+        elif segments:
             if not _segment_safe(config, position_ids.shape[-1]):
                 raise ValueError("forward_packed(segments=True) needs a model without sliding-window attention")
             kwargs["document_segments"] = DocumentSegments.from_position_ids(position_ids)

@@ -22,15 +22,16 @@ def token_loss_sums(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (sum of token losses, per-source loss sums [n_sources], per-source token counts [n_sources]).
 
-    HF convention: logits at position t predict labels[t + 1]. With `reuse_logits` (the trainer's choice) and a
-    logits tensor that requires grad, the backward pass writes the logits' gradient into the logits' own storage
-    (`inplace_cross_entropy`): the caller must not read `logits` after `backward()`.
+    HF convention: logits at position t predict labels[t + 1]. With `reuse_logits` (the trainer's choice) and fp32
+    logits that require grad, the logits' storage becomes their gradient (`inplace_cross_entropy`): the caller must
+    not read `logits` after this call.
     """
     # Shift the labels, not the logits: slicing [B, T, V] logits copies the largest tensor of the step.
     shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
     flat = logits.reshape(-1, logits.size(-1))
     # Only a tensor the forward made for us (not a leaf, not a view of another tensor) may be overwritten.
-    if reuse_logits and torch.is_grad_enabled() and logits.grad_fn is not None and not logits._is_view():
+    if (reuse_logits and torch.is_grad_enabled() and logits.dtype == torch.float32 and logits.grad_fn is not None
+            and not logits._is_view()):
         losses = inplace_cross_entropy(flat, shift_labels)
     else:
         losses = F.cross_entropy(flat.float(), shift_labels, ignore_index=IGNORE, reduction="none")
@@ -46,50 +47,41 @@ def label_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
-# Rows per chunk of the fused cross-entropy: [256, V] fp32 temporaries (8 MB at V=8192) stay in cache and under
-# glibc's mmap threshold, so no chunk is page-faulted in afresh.
-_CE_CHUNK_ROWS = 256
-
-
 class _InplaceCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy whose backward writes softmax - onehot into the logits' own storage.
+    """Per-token cross-entropy of fp32 logits that turns the logits into their own gradient.
 
     `F.cross_entropy` on [N, V] logits materialises log_softmax [N, V] in forward, then a zero-filled one-hot
     gradient and a log_softmax gradient [N, V] in backward: three fresh logits-sized buffers per micro-batch, each
-    page-faulted in (glibc returns blocks over 32 MB to the OS). Here the forward only keeps a logsumexp per row and
-    the backward computes exp(x - lse) - onehot chunk by chunk in place. Same math; fp32 rounding differs at ~1e-7.
+    page-faulted in (glibc returns blocks over 32 MB to the OS), in five passes. Here the forward computes
+    softmax - onehot in the logits' storage (max, exp, sum, divide, one scatter) and keeps only that; the backward
+    scales its rows by the upstream gradient. No temporaries, few large kernels (each a thread-pool barrier, which
+    is what costs on a loaded machine). Same math; fp32 rounding differs at ~1e-7.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         valid = labels != IGNORE
-        target = labels.clamp(min=0)
-        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
-        for r0 in range(0, logits.size(0), _CE_CHUNK_ROWS):
-            lse[r0 : r0 + _CE_CHUNK_ROWS] = torch.logsumexp(logits[r0 : r0 + _CE_CHUNK_ROWS].float(), dim=-1)
-        picked = logits.gather(1, target[:, None]).squeeze(1).float()
-        ctx.save_for_backward(logits, lse, target, valid)
+        target = labels.clamp(min=0)[:, None]
+        picked = logits.gather(1, target).squeeze(1)
+        top = logits.amax(dim=1, keepdim=True)
+        probs = logits.sub_(top).exp_()  # in place: from here on the storage holds the gradient's pieces
+        total = probs.sum(dim=1, keepdim=True)
+        probs.div_(total).scatter_add_(1, target, -valid.to(probs.dtype)[:, None])  # softmax - onehot
+        lse = top.squeeze(1) + total.squeeze(1).log()
+        ctx.save_for_backward(probs, valid)
         return torch.where(valid, lse - picked, torch.zeros((), dtype=lse.dtype, device=lse.device))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_losses: torch.Tensor):
-        logits, lse, target, valid = ctx.saved_tensors
-        g = torch.where(valid, grad_losses.float(), torch.zeros((), dtype=torch.float32, device=lse.device))
-        for r0 in range(0, logits.size(0), _CE_CHUNK_ROWS):
-            r1 = r0 + _CE_CHUNK_ROWS
-            x = logits[r0:r1]
-            work = x if x.dtype == torch.float32 else x.float()  # bf16 logits: fp32 math, as F.cross_entropy
-            work.sub_(lse[r0:r1, None]).exp_().mul_(g[r0:r1, None])
-            work.scatter_add_(1, target[r0:r1, None], -g[r0:r1, None])
-            if work is not x:
-                x.copy_(work)
-        return logits, None
+        grad, valid = ctx.saved_tensors
+        scale = torch.where(valid, grad_losses, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        return grad.mul_(scale[:, None]), None
 
 
 def inplace_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token losses [N] (0 where labels == IGNORE) of logits [N, V], as `F.cross_entropy(..., reduction="none")`.
-
-    The backward pass overwrites `logits` with their gradient: read them before `backward()`, never after.
-    """
+    """Per-token losses [N] (0 where labels == IGNORE) of fp32 logits [N, V], as
+    `F.cross_entropy(..., reduction="none")`. Overwrites `logits`: read them before this call, never after."""
+    if logits.dtype != torch.float32:
+        raise ValueError(f"inplace_cross_entropy needs fp32 logits (got {logits.dtype})")
     return _InplaceCrossEntropy.apply(logits, labels)
