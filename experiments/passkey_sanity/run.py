@@ -11,17 +11,15 @@ held-out prompts (seeds no training row uses) at 110 and 128 tokens. fp32, one t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import WORK, Stopwatch, corpus_dir, table  # noqa: E402
-from experiments.rope_steps.run import L0, Rows, passkey_accuracy, train  # noqa: E402
-from midtrain.model import build_model, load_tokenizer, preset_config  # noqa: E402
+from experiments.common import WORK, Stopwatch, table  # noqa: E402
+from experiments.rope_steps.run import L0, Rows, passkey_accuracy, tokenizer_and_prose, train  # noqa: E402
+from midtrain.model import build_model, preset_config  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,10 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     clock = Stopwatch()
-    corpus = corpus_dir()
-    tokenizer = load_tokenizer(corpus / "tokenizer")
-    prose_text = "\n".join(json.loads(line)["text"] for line in (corpus / "prose.jsonl").read_text().splitlines())
-    prose = np.asarray(tokenizer(prose_text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    tokenizer, prose = tokenizer_and_prose()
     config = preset_config("tiny-llama", vocab_size=len(tokenizer))
 
     def scores(model) -> list[float]:

@@ -57,10 +57,11 @@ class Rows:
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def _passkey_doc(self) -> list[int]:
-        if not self.pool:  # lengths uniform in [max(0.3 T, 96), T - 8], fresh keys per refill
+        if not self.pool:  # task lengths uniform in [max(0.3 T, 104), T], fresh keys per refill
             self.seed += 1_000
-            # the prompt alone is ~90 tokens of this BPE: shorter documents cannot hold it
-            lengths = list(range(max(int(0.3 * self.length), 96), self.length - 8, max(1, self.length // 64)))
+            # a task of length L holds BOS + prompt + 12 answer tokens; instructions and needle alone are ~90
+            # tokens of this BPE, so shorter tasks cannot be built. A document is BOS + prompt + answer + EOS <= L.
+            lengths = list(range(max(int(0.3 * self.length), 104), self.length + 1, max(1, self.length // 64)))
             for s in passkey_samples(self.count, lengths, 4, seed=self.seed):
                 self.pool.append(self.bos + self.count.encode(s.prompt + " " + s.answers[0] + ".") + self.eos)
             self.rng.shuffle(self.pool)
@@ -90,6 +91,14 @@ def passkey_accuracy(model, tokenizer, length: int, n: int) -> float:
     outputs = run_generative(model, tokenizer, samples, batch_size=25)
     model.train()
     return mean_by_metric(samples, [score(s, o) for s, o in zip(samples, outputs)])[f"passkey@{length}"]
+
+
+def tokenizer_and_prose():
+    """The experiments' BPE tokenizer and the real prose corpus as one token stream (the rows' filler)."""
+    corpus = corpus_dir()
+    tokenizer = load_tokenizer(corpus / "tokenizer")
+    prose_text = "\n".join(json.loads(line)["text"] for line in (corpus / "prose.jsonl").read_text().splitlines())
+    return tokenizer, np.asarray(tokenizer(prose_text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -126,13 +135,12 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=None, help="base steps (default 1200; --quick 200)")
     parser.add_argument("--base-lr", type=float, default=3e-3)
     parser.add_argument("--base-only", action="store_true", help="train and score the base, then stop")
+    parser.add_argument("--methods", default="all",
+                        help="semicolon-separated prefixes of method names, e.g. 'PI;YaRN x4, beta_fast 4'")
     args = parser.parse_args()
     torch.set_num_threads(1)
     clock = Stopwatch()
-    corpus = corpus_dir()
-    tokenizer = load_tokenizer(corpus / "tokenizer")
-    prose_text = "\n".join(json.loads(line)["text"] for line in (corpus / "prose.jsonl").read_text().splitlines())
-    prose = np.asarray(tokenizer(prose_text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    tokenizer, prose = tokenizer_and_prose()
     base_steps = args.base_steps or (200 if args.quick else 1200)
     cap = 100 if args.quick else args.max_steps
 
@@ -151,7 +159,8 @@ def main() -> None:
         return
 
     results: dict[str, list[dict]] = {}
-    for name, rope in METHODS.items():
+    wanted = [m.strip() for m in args.methods.split(";")] if args.methods != "all" else [""]
+    for name, rope in ((n, r) for n, r in METHODS.items() if any(n.startswith(w) for w in wanted)):
         for seed in range(args.seeds):
             ft = copy.deepcopy(model)
             apply_rope(ft, rope)
