@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from midtrain.config import load_recipe
+from midtrain.config.recipe import DataConfig
 from midtrain.io import write_json_atomic
 from midtrain.mix import proxy as proxy_mod
 from midtrain.mix.proxy import MixError, MixRunError, derive_recipe, stage_start
@@ -50,7 +51,9 @@ def test_derived_recipe_is_the_stage_alone_with_the_new_mixture_and_budget(recip
                          start="preset:tiny-llama", seed=9, tasks=["loss"])
     stage = data["stages"][0]
     assert [s["name"] for s in data["stages"]] == ["anneal"]
-    assert stage["data"] == {"mixture": {"prose": 0.5, "math": 0.5}, "replay": None, "split_documents": True}
+    # the new mixture, every other data option as the recipe had it (here: defaults)
+    expected = DataConfig(mixture={"prose": 0.5, "math": 0.5}).model_dump(mode="json")
+    assert stage["data"] == expected and expected["replay"] is None
     assert stage["tokens"] == 1024 and stage["init"] == "scratch" and stage["start_lr"] is None
     assert stage["schedule"]["peak_lr"] == pytest.approx(3e-3)  # from_previous resolved: the warm stage's LR
     assert data["seed"] == 9 and data["base"] == "preset:tiny-llama" and stage["gate"] == {}
