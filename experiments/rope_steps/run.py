@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from experiments.common import WORK, Stopwatch, corpus_dir, table  # noqa: E402
 from midtrain.context import apply_rope  # noqa: E402
 from midtrain.eval.suite import run_generative  # noqa: E402
 from midtrain.eval.tasks.base import TokenCounter, mean_by_metric, score  # noqa: E402
-from midtrain.eval.tasks.retrieval import passkey_samples  # noqa: E402
+from midtrain.eval.tasks.haystack import NOISE, build_context  # noqa: E402
+from midtrain.eval.tasks.retrieval import PASSKEY_NEEDLE, PASSKEY_QUESTION, passkey_samples  # noqa: E402
 from midtrain.model import build_model, forward_packed, load_tokenizer, preset_config  # noqa: E402
 from midtrain.train.loss import token_loss_sums  # noqa: E402
 
@@ -47,9 +49,9 @@ class Rows:
     """Training rows of `length` tokens: with probability `share` a passkey document (its answer appended) then
     prose, else prose only; documents are separate segments (position ids restart, no loss across the seam)."""
 
-    def __init__(self, tokenizer, length: int, share: float, seed: int, prose: np.ndarray):
+    def __init__(self, tokenizer, length: int, share: float, seed: int, prose: np.ndarray, no_intro: float = 0.0):
         self.count = TokenCounter(tokenizer)
-        self.length, self.share, self.prose = length, share, prose
+        self.length, self.share, self.prose, self.no_intro = length, share, prose, no_intro
         self.rng = np.random.default_rng(seed)
         self.seed = seed
         self.pool: list[list[int]] = []
@@ -64,6 +66,15 @@ class Rows:
             lengths = list(range(max(int(0.3 * self.length), 104), self.length + 1, max(1, self.length // 64)))
             for s in passkey_samples(self.count, lengths, 4, seed=self.seed):
                 self.pool.append(self.bos + self.count.encode(s.prompt + " " + s.answers[0] + ".") + self.eos)
+            # Without the 49-token intro a 128-token document has ~4x the filler: the needle really moves, so the
+            # model learns to search rather than to read one position (`no_intro` of the documents).
+            rng = random.Random(self.seed)
+            for _ in range(round(len(self.pool) * self.no_intro / max(1e-9, 1 - self.no_intro))):
+                k = str(rng.randint(1, 50000))
+                room = rng.randint(max(int(0.3 * self.length), 56), self.length) - len(self.bos) - 12
+                ctx = build_context(self.count, NOISE, room, prefix="", suffix=PASSKEY_QUESTION,
+                                    needles=[(rng.random(), PASSKEY_NEEDLE.format(k=k))], rng=rng, cycle_from=0)
+                self.pool.append(self.bos + self.count.encode(ctx.text + " " + k + ".") + self.eos)
             self.rng.shuffle(self.pool)
         return self.pool.pop()
 
@@ -135,6 +146,8 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=None, help="base steps (default 1200; --quick 200)")
     parser.add_argument("--base-lr", type=float, default=3e-3)
     parser.add_argument("--base-only", action="store_true", help="train and score the base, then stop")
+    parser.add_argument("--no-intro", type=float, default=0.0,
+                        help="share of base documents without the passkey intro (more filler, a moving needle)")
     parser.add_argument("--methods", default="all",
                         help="semicolon-separated prefixes of method names, e.g. 'PI;YaRN x4, beta_fast 4'")
     args = parser.parse_args()
@@ -145,11 +158,13 @@ def main() -> None:
     cap = 100 if args.quick else args.max_steps
 
     model = build_model(preset_config("tiny-llama", vocab_size=len(tokenizer)), seed=0)
-    cached = WORK / "rope_steps" / f"base-{base_steps}-{args.base_lr:g}.pt"  # the base is reused across runs
+    tag = f"-nointro{args.no_intro:g}" if args.no_intro else ""
+    cached = WORK / "rope_steps" / f"base-{base_steps}-{args.base_lr:g}{tag}.pt"  # the base is reused across runs
     if cached.is_file():
         model.load_state_dict(torch.load(cached))
     else:
-        train(model, Rows(tokenizer, L0, 0.8, seed=1000, prose=prose), base_steps, 32, args.base_lr, 20)
+        train(model, Rows(tokenizer, L0, 0.8, seed=1000, prose=prose, no_intro=args.no_intro), base_steps, 32,
+              args.base_lr, 20)
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), cached)
     base = {"passkey@128": passkey_accuracy(model, tokenizer, L0, 100),
