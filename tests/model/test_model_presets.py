@@ -17,7 +17,8 @@ def _llama_like_params(c, *, qkv_bias: bool) -> dict[str, int]:
     return {"total": total, "embedding": emb, "lm_head": head, "non_embedding": total - emb}
 
 
-@pytest.mark.parametrize("name,qkv_bias", [("tiny-llama", False), ("tiny-qwen2", True), ("small-llama", False)])
+@pytest.mark.parametrize("name,qkv_bias", [("tiny-llama", False), ("tiny-llama-4h", False), ("tiny-qwen2", True),
+                                           ("small-llama", False)])
 def test_count_parameters_matches_formula(name, qkv_bias):
     config = preset_config(name, vocab_size=8192)
     assert count_parameters(build_model(config, seed=0)) == _llama_like_params(config, qkv_bias=qkv_bias)
@@ -36,7 +37,11 @@ def test_preset_shapes():
     tiny = preset_config("tiny-llama", 1000)
     assert tiny.model_type == "llama" and not tiny.tie_word_embeddings
     assert tiny.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
-    assert set(PRESETS) >= {"tiny-llama", "tiny-qwen2", "small-llama", "medium-llama"}
+    # the demo's model: tiny-llama's parameters and FLOPs split into 4 heads of 32
+    four = preset_config("tiny-llama-4h", 1000)
+    assert (four.num_attention_heads, four.num_key_value_heads, four.head_dim) == (4, 4, 32)
+    assert _llama_like_params(four, qkv_bias=False) == _llama_like_params(tiny, qkv_bias=False)
+    assert set(PRESETS) >= {"tiny-llama", "tiny-llama-4h", "tiny-qwen2", "small-llama", "medium-llama"}
 
 
 def test_unknown_preset_lists_known():
