@@ -6,6 +6,7 @@ indices are shown by name (`stages.anneal.batch.tokens`), because that is how us
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from pathlib import Path
@@ -263,6 +264,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_p
             problems.append(_format(file, lines, overridden, data, loc, _pydantic_message(error, loc)))
         raise RecipeError(problems) from None
     recipe = _resolve_paths(recipe, file.parent)
+    recipe, lr_problems = _resolve_start_lr_from_base(recipe)
+    if lr_problems:  # the rest of validation needs a number there
+        raise RecipeError([_format(file, lines, overridden, data, loc, msg) for loc, msg in lr_problems])
     problems = recipe_problems(recipe)
     if check_paths:
         problems += _path_problems(recipe)
@@ -296,6 +300,38 @@ def _resolve_paths(recipe: Recipe, root: Path) -> Recipe:
     if recipe.curation is not None and recipe.curation.output is not None:
         update["curation"] = recipe.curation.model_copy(update={"output": resolve(recipe.curation.output)})
     return recipe.model_copy(update=update)
+
+
+def _resolve_start_lr_from_base(recipe: Recipe) -> tuple[Recipe, list[tuple[Loc, str]]]:
+    """`start_lr: from_base` -> the `last_lr` the base checkpoint's midtrain.json records."""
+    problems: list[tuple[Loc, str]] = []
+    stages = list(recipe.stages)
+    for i, stage in enumerate(stages):
+        if stage.start_lr != "from_base":
+            continue
+        loc: Loc = ("stages", i, "start_lr")
+        if i > 0:
+            problems.append((loc, "from_base is for the first stage; a later stage starts from the previous stage's "
+                                  "export (use from_previous)"))
+            continue
+        if not _is_local(recipe.base):
+            problems.append((loc, f"from_base needs a local checkpoint exported by midtrain (base is {recipe.base})"))
+            continue
+        meta = Path(recipe.base) / "midtrain.json"
+        try:
+            last_lr = json.loads(meta.read_text())["last_lr"]
+        except FileNotFoundError:
+            problems.append((loc, f"from_base: {meta} not found (only checkpoints exported by midtrain record their "
+                                  "last LR; give the number instead)"))
+            continue
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            problems.append((loc, f"from_base: cannot read last_lr from {meta} ({type(exc).__name__}: {exc})"))
+            continue
+        if isinstance(last_lr, bool) or not isinstance(last_lr, (int, float)) or not last_lr >= 0:
+            problems.append((loc, f"from_base: {meta} has last_lr {last_lr!r}, not a non-negative number"))
+            continue
+        stages[i] = stage.model_copy(update={"start_lr": float(last_lr)})
+    return recipe.model_copy(update={"stages": stages}), problems
 
 
 def _path_problems(recipe: Recipe) -> list[tuple[Loc, str]]:

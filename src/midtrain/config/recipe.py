@@ -331,7 +331,9 @@ class Stage(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig
     init: Literal["scratch", "weights", "weights+optimizer", "resume"] | None = None
-    start_lr: float | Literal["from_previous"] | None = None
+    # from_base: the LR the base checkpoint's last step used (its midtrain.json, written by every midtrain export);
+    # resolved to a number when the recipe is loaded, so the plan stays a pure function of the loaded recipe
+    start_lr: float | Literal["from_previous", "from_base"] | None = None
     data: DataConfig = DataConfig()
     rope: dict[str, Any] | None = None
     eval: EvalConfig = EvalConfig()
