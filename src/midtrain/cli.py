@@ -142,18 +142,38 @@ def demo(
     out: Annotated[Path, typer.Option(help="Directory for the corpus, tokenizer and run.")] = Path("runs/demo"),
     threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest for this tiny model on shared "
                                                "cores: 5x over 2 threads under load, docs/DEMO.md).")] = 1,
+    build_base: Annotated[bool, typer.Option(help="Rebuild the base checkpoint instead (recipes/demo-base.yaml, "
+                                                  "~30 CPU-minutes) and install it in --base-dir.")] = False,
+    base_dir: Annotated[Optional[Path], typer.Option(help="The base checkpoint to start from (or, with "
+                                                          "--build-base, to write); default: the shipped one.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key of the demo's recipe: a.b=c "
+                                                                    "(stages by name).")] = None,
 ) -> None:
-    """Offline three-stage mid-training demo on a tiny model: pretrain, anneal with replay, 4x context extension."""
+    """Offline mid-training demo on a tiny shipped base: an anneal with replay, then 4x context extension."""
     import torch
 
-    from midtrain.demo import prepare
+    from midtrain.demo import DEMO_BASE, install_base, prepare, prepare_base
 
     torch.set_num_threads(max(1, threads))
-
-    with console.status("building the demo corpus and training its tokenizer"):
-        recipe_path, overrides = prepare(out, quick)
-    console.print(f"demo recipe: {recipe_path}  (corpus in {out / 'corpus'}, tokenizer in {out / 'tokenizer'})")
-    loaded = _load(recipe_path, overrides)
+    base = base_dir or DEMO_BASE
+    if build_base:
+        with console.status("building the demo corpus and training its tokenizer"):
+            recipe_path, overrides = prepare_base(out)
+        loaded = _load(recipe_path, overrides + list(set_ or []))
+        ctx = _run(loaded, override_gates=())
+        last = ctx.plan.stages[-1]
+        metrics = json.loads((ctx.run_dir / "eval" / f"{last.name}.json").read_text())["metrics"]
+        dest = install_base(ctx.export_dir(last), out / "tokenizer", metrics, base)
+        _print_summary(ctx.run_dir, [s.name for s in ctx.plan.stages])
+        console.print(f"base installed: {dest}")
+        return
+    with console.status("building the demo corpus with the base's tokenizer"):
+        try:
+            recipe_path, overrides = prepare(out, quick, base)
+        except FileNotFoundError as exc:
+            _fail(escape(str(exc)), 2)
+    console.print(f"demo recipe: {recipe_path}  (base {base}, corpus in {out / 'corpus'})")
+    loaded = _load(recipe_path, overrides + list(set_ or []))
     # The demo always reaches its table: a failed gate is recorded (and shown) instead of stopping the run.
     ctx = _run(loaded, override_gates=tuple(s.name for s in loaded.stages))
     _print_summary(ctx.run_dir, [s.name for s in ctx.plan.stages])

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 RECIPE_FILE = Path(__file__).parent / "recipes" / "demo.yaml"
+BASE_RECIPE_FILE = Path(__file__).parent / "recipes" / "demo-base.yaml"
+DEMO_BASE = Path(__file__).parent / "demo_base"  # the shipped base checkpoint (`midtrain demo --build-base`)
 VOCAB_SIZE = 2048
 BASE_LEN = 128  # L0: the base model's context
 LONG_LEN = 512  # 4 x L0: the context-extension stage
@@ -100,37 +102,30 @@ def math_documents(n: int, seed: int = 0) -> list[str]:
 # ---------------------------------------------------------------------------------------- synthetic retrieval
 # Templates of the demo's own. None of them is a sentence of the evaluation's passkey prompt (its intro, its needle
 # "The pass key is {k}. ...", its question, or its "The grass is green." filler): tests/test_demo.py checks that.
-_OBJECTS = ["locker", "vault", "safe", "cabinet", "gate", "door", "box", "room", "drawer", "crate"]
-_LABELS = ["A", "B", "C", "D", "E", "F", "G", "H", "K", "M", "P", "Q", "R", "S", "T", "X"]  # no digits: one number
-_CODE_NOUNS = ["secret code", "access code", "secret number", "lucky number", "ticket number", "account number",
-               "serial number", "combination", "PIN", "order number", "room number", "badge number"]
+# What makes the skill transfer (experiments/demo_retrieval): the thing named is a random pair of words out of
+# thousands, so the model must find the question's phrase in the text and copy the number after it; with a dozen
+# fixed nouns it memorised them instead (passkey 0.03), with nine varied templates it learned nothing in budget.
+_INTROS = ["Below is a long memo. Somewhere in it is a number you will be asked about.", ""]
 _PEOPLE = ["Ada", "Alan", "Grace", "Edsger", "Barbara", "Donald", "Frances", "John", "Margaret", "Ken", "Linus",
            "Guido", "Radia", "Dennis", "Niklaus", "Tim"]
-_INTROS = [
-    "",
-    "Note for the archive.",
-    "Read the following notes carefully; one number in them matters.",
-    "Below is a long memo. Somewhere in it is a number you will be asked about.",
-    "Keep track of the number mentioned in this log.",
-    "Log file follows.",
-    "Memo to the night shift.",
-]
-# (fact, question, answer lead-in) with {o} an object id, {p} a person, {n} a noun, {k} the key
+# (fact, question, answer lead-in) with {n} the named thing, {p} a person, {k} the key
 _TEMPLATES = [
-    ("Note for the archive: {o}'s code is {k}.", "Which code opens {o}?", ""),
-    ("Remember this: the code for {o} is {k}.", "What is the code for {o}?", "The code for {o} is"),
-    ("The {n} is {k}. Do not forget it. Again, the {n} is {k}.", "What is the {n}?", "The {n} is"),
-    ("Important: {p}'s {n} is {k}.", "What is {p}'s {n}?", "{p}'s {n} is"),
-    ("Write it down: {k} is the {n}.", "Which number is the {n}?", "It is"),
-    ("{p} said the {n} was {k}, and {k} it stays.", "What did {p} say the {n} was?", "The {n} was"),
-    ("Record {k} belongs to {p}.", "Question: which record belongs to {p}? Answer:", ""),
-    ("The {n} you need is {k}. Keep {k} in mind.", "Tell me the {n}.", "The {n} is"),
-    ("Hidden value: {k}.", "What was the hidden value?", "The hidden value was"),
+    ("The {n} is {k}. Keep it in mind. {k} is the {n}.", "What is the {n}?", "The {n} is"),
+    ("{p}'s {n} is {k}. Note it down: {k}.", "What is {p}'s {n}?", "{p}'s {n} is"),
+    ("Write this down: the {n} is {k}.", "Which number is the {n}?", "The {n} is"),
 ]
 _ADJ = ["quiet", "old", "small", "bright", "distant", "narrow", "heavy", "gentle", "empty", "busy", "cold", "warm"]
 _THINGS = ["river", "road", "house", "forest", "bridge", "market", "garden", "window", "train", "mountain", "lamp",
            "harbor", "library", "field", "tower", "kitchen"]
 _VERBS = ["stands near", "leads to", "looks over", "waits by", "runs past", "hides behind", "faces", "follows"]
+
+
+def name_vocabulary(prose: list[str], size: int = 5_000, seed: int = 5) -> list[str]:
+    """`size` random pairs of words from `prose` ("basic ordering"): the things the retrieval facts name. "pass" and
+    "key" are left out, so the evaluation's "pass key" is never one of them."""
+    words = sorted({w.lower() for d in prose for w in re.findall(r"[A-Za-z]{3,9}", d)} - {"pass", "key"})
+    rng = random.Random(seed)
+    return [f"{rng.choice(words)} {rng.choice(words)}" for _ in range(size)]
 
 
 def _generated_sentence(rng: random.Random) -> str:
@@ -139,31 +134,13 @@ def _generated_sentence(rng: random.Random) -> str:
     return f"The {rng.choice(_ADJ)} {rng.choice(_THINGS)} {rng.choice(_VERBS)} the {rng.choice(_THINGS)}."
 
 
-def _filler_stream(rng: random.Random, prose: list[str]) -> Callable[[], str]:
-    """A document's filler: real prose sentences in order, or a few generated sentences repeated over and over."""
-    if rng.random() < 0.5 and prose:
-        start = rng.randrange(len(prose))
-        state = {"i": start}
-
-        def nxt() -> str:
-            s = prose[state["i"] % len(prose)]
-            state["i"] += 1
-            return s
-        return nxt
-    cycle = [_generated_sentence(rng) for _ in range(rng.randint(2, 6))]
-    state = {"i": 0}
-
-    def nxt_cycle() -> str:
-        s = cycle[state["i"] % len(cycle)]
-        state["i"] += 1
-        return s
-    return nxt_cycle
-
-
 def retrieval_documents(n: int, min_tokens: int, max_tokens: int, count: Callable[[str], int], seed: int,
-                        prose_sentences: list[str]) -> list[str]:
-    """`n` documents of `min_tokens`..`max_tokens` tokens (uniform): intro, filler with a fact at a random depth,
-    then a question and its answer. Keys are 1-5 digit numbers (mostly 5, like the evaluation's 1..50000)."""
+                        names: list[str]) -> list[str]:
+    """`n` documents of `min_tokens`..`max_tokens` tokens (uniform): intro, filler (2-6 generated sentences
+    repeated) with a fact at a random depth, then a question and its answer. The fact names one of `names`; keys
+    are 1-5 digit numbers (mostly 5, like the evaluation's 1..50000), the only digits in the document."""
+    if not names:
+        raise ValueError("retrieval_documents needs a non-empty list of names (see name_vocabulary)")
     rng = random.Random(seed)
     cache: dict[str, int] = {}
 
@@ -177,20 +154,18 @@ def retrieval_documents(n: int, min_tokens: int, max_tokens: int, count: Callabl
         target = rng.randint(min_tokens, max_tokens)
         k = str(rng.randint(1, 99_999))
         fact, question, lead = rng.choice(_TEMPLATES)
-        fill = {"o": f"{rng.choice(_OBJECTS)} {rng.choice(_LABELS)}", "p": rng.choice(_PEOPLE),
-                "n": rng.choice(_CODE_NOUNS), "k": k}
+        fill = {"n": rng.choice(names), "p": rng.choice(_PEOPLE), "k": k}
         fact, question, lead = (t.format(**fill) for t in (fact, question, lead))
         answer = f"{lead} {k}.".strip()
         intro = rng.choice(_INTROS)
         fixed = count(intro) + count(" " + fact) + count(" " + question) + count(" " + answer) + 2
+        cycle = [_generated_sentence(rng) for _ in range(rng.randint(2, 6))]
         filler, used = [], 0
-        nxt = _filler_stream(rng, prose_sentences)
-        for _ in range(400):
-            s = nxt()
-            c = cost(s)
+        for i in range(400):
+            c = cost(cycle[i % len(cycle)])
             if fixed + used + c > target:
                 break
-            filler.append(s)
+            filler.append(cycle[i % len(cycle)])
             used += c
         at = rng.randint(0, len(filler))
         body = filler[:at] + [fact] + filler[at:]
@@ -198,53 +173,106 @@ def retrieval_documents(n: int, min_tokens: int, max_tokens: int, count: Callabl
     return docs
 
 
-def build_corpus(out: Path, seed: int = 0, quick: bool = False) -> dict[str, int]:
-    """Writes the corpus (jsonl per source) and the BPE tokenizer (`out/tokenizer`); returns documents per source."""
+def build_corpus(out: Path, seed: int = 0, quick: bool = False, tokenizer_from: Path | None = None
+                 ) -> dict[str, int]:
+    """Writes the corpus (jsonl per source) and the tokenizer (`out/tokenizer`); returns documents per source.
+
+    The tokenizer is `tokenizer_from`'s (the shipped base's: a model only reads the ids it was trained on), else a
+    BPE trained here on prose + code + math.
+    """
     from midtrain.data.tokenizer import train_bpe
-    from midtrain.eval.tasks.haystack import split_sentences
+    from midtrain.model import load_tokenizer
 
     corpus_dir = out / "corpus"
     corpus_dir.mkdir(parents=True, exist_ok=True)
     prose = prose_documents()
     corpus = {"prose": prose, "code": code_documents(), "math": math_documents(6000, seed)}
-    tok = train_bpe((d for docs in corpus.values() for d in docs), VOCAB_SIZE)
+    if tokenizer_from is not None:
+        tok = load_tokenizer(tokenizer_from)
+    else:
+        tok = train_bpe((d for docs in corpus.values() for d in docs), VOCAB_SIZE)
     tok.save_pretrained(str(out / "tokenizer"))
 
     def count(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
-    sentences = [s for d in prose for s in split_sentences(d)]
+    names = name_vocabulary(prose)
     scale = 4 if quick else 1
-    corpus["recall"] = retrieval_documents(24_000 // scale, int(0.3 * BASE_LEN), BASE_LEN - 2, count, seed + 1,
-                                           sentences)
-    corpus["recall_long"] = retrieval_documents(6_000 // scale, int(0.3 * LONG_LEN), LONG_LEN - 2, count,
-                                                seed + 2, sentences)
+    corpus["recall"] = retrieval_documents(24_000 // scale, int(0.3 * BASE_LEN), BASE_LEN - 2, count, seed + 1, names)
+    corpus["recall_long"] = retrieval_documents(6_000 // scale, int(0.3 * LONG_LEN), LONG_LEN - 2, count, seed + 2,
+                                                names)
     for name, docs in corpus.items():
         _write_jsonl(corpus_dir / f"{name}.jsonl", docs)
     return {name: len(docs) for name, docs in corpus.items()}
 
 
 QUICK_OVERRIDES = [
-    "stages.pretrain.tokens=400k",
     "stages.anneal.tokens=96k",
     "stages.extend.tokens=160k",
     "stages.extend.schedule.warmup_tokens=16k",
-    "stages.pretrain.eval.samples=20",
     "stages.extend.eval.samples=20",
     "stages.anneal.eval.samples=20",
 ]
 
+# What a shipped base must hold: an HF checkpoint, midtrain's record of it (its last LR: the anneal's `from_base`)
+# and the tokenizer it was trained with.
+_BASE_FILES = ("config.json", "model.safetensors", "midtrain.json", "tokenizer.json", "tokenizer_config.json")
 
-def prepare(out: Path, quick: bool) -> tuple[Path, list[str]]:
-    """Builds the corpus and tokenizer beside a copy of the demo recipe; returns (recipe path, overrides)."""
+
+def check_base(base: Path) -> None:
+    """A clear error when the demo's base checkpoint is missing or incomplete (rather than a loader traceback)."""
+    missing = [name for name in _BASE_FILES if not (base / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the demo's base checkpoint {base} lacks {', '.join(missing)}; rebuild it with "
+            "`midtrain demo --build-base` (about 30 CPU-minutes, docs/DEMO.md)")
+
+
+def prepare(out: Path, quick: bool, base: Path = DEMO_BASE) -> tuple[Path, list[str]]:
+    """Builds the corpus (with the base's tokenizer) beside a copy of the demo recipe; returns (recipe, overrides)."""
+    check_base(base)
     out.mkdir(parents=True, exist_ok=True)
-    build_corpus(out, quick=quick)
+    build_corpus(out, quick=quick, tokenizer_from=base)
     recipe = out / "demo-recipe.yaml"
     recipe.write_text(RECIPE_FILE.read_text())
-    overrides = [f"run_dir={out / 'run'}"]
+    overrides = [f"run_dir={out / 'run'}", f"base={base.resolve()}"]
     if quick:
         overrides += QUICK_OVERRIDES
     return recipe, overrides
+
+
+def prepare_base(out: Path) -> tuple[Path, list[str]]:
+    """Corpus, a freshly trained tokenizer and a copy of the base recipe, for `midtrain demo --build-base`."""
+    out.mkdir(parents=True, exist_ok=True)
+    build_corpus(out)
+    recipe = out / "demo-base-recipe.yaml"
+    recipe.write_text(BASE_RECIPE_FILE.read_text())
+    return recipe, [f"run_dir={out / 'run'}"]
+
+
+def install_base(export: Path, tokenizer: Path, metrics: dict, dest: Path = DEMO_BASE) -> Path:
+    """Copies the base's HF export and tokenizer into `dest` (replaced whole, never half-written) with a
+    `provenance.json` saying how it was made and what it scored."""
+    import shutil
+
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors", "midtrain.json"):
+        if (export / name).is_file():
+            shutil.copy2(export / name, tmp / name)
+    for item in tokenizer.iterdir():
+        shutil.copy2(item, tmp / item.name)
+    provenance = {"rebuild": "midtrain demo --build-base", "recipe": "src/midtrain/recipes/demo-base.yaml",
+                  "metrics": metrics}
+    (tmp / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
+    check_base(tmp)
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 def eval_template_sentences() -> list[str]:
