@@ -74,6 +74,8 @@ def test_shipped_base_loads_in_plain_transformers():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from midtrain.model import load_model
+
     check_base(DEMO_BASE)
     model = AutoModelForCausalLM.from_pretrained(DEMO_BASE)
     tokenizer = AutoTokenizer.from_pretrained(DEMO_BASE)
@@ -83,7 +85,9 @@ def test_shipped_base_loads_in_plain_transformers():
     assert [tokenizer.decode(t).strip() for t in ids[0, -5:]] == list("12345")  # digits one token each
     with torch.no_grad():
         logits = model(ids).logits
+        ours = load_model(DEMO_BASE)(ids).logits  # what `midtrain run` starts the anneal from
     assert torch.isfinite(logits).all() and logits.shape[-1] == model.config.vocab_size
+    torch.testing.assert_close(ours, logits, rtol=0, atol=0)
 
 
 def test_missing_base_says_how_to_rebuild(tmp_path: Path):
