@@ -2,8 +2,9 @@
 
     python experiments/passkey_sanity/run.py [--steps 300]
 
-A random-init `tiny-llama` (1.05M parameters) and the same model trained on passkey rows in the evaluation's own
-format at L = 128 (experiments/rope_steps' base: 1,200 steps of 32x128 at LR 1e-3, cached under WORK), then
+For each model preset (`tiny-llama`: 2 heads of 64; `tiny-llama-4h`: the same 1.05M parameters as 4 heads of 32), a
+random-init model and the same model trained on passkey rows in the evaluation's own format at L = 128
+(experiments/rope_steps' base: 1,200 steps of 32x128 at LR 1e-3, cached under WORK), then
 fine-tuned `--steps` more steps at LR 3e-4 on rows whose tasks span the whole [104, 128] range, are scored on 100
 held-out prompts (seeds no training row uses) at 110 and 128 tokens. fp32, one torch thread. Writes results.md.
 """
@@ -31,26 +32,31 @@ def main() -> None:
     torch.set_num_threads(1)
     clock = Stopwatch()
     tokenizer, prose = tokenizer_and_prose()
-    config = preset_config("tiny-llama", vocab_size=len(tokenizer))
 
     def scores(model) -> list[float]:
         return [passkey_accuracy(model, tokenizer, length, 100) for length in (110, L0)]
 
-    rows = [["random init", "0", *(f"{s:.2f}" for s in scores(build_model(config, seed=0)))]]
-    model = build_model(config, seed=0)
-    cached = WORK / "rope_steps" / "base-1200-0.001.pt"
-    if cached.is_file():
-        model.load_state_dict(torch.load(cached))
-    else:
-        train(model, Rows(tokenizer, L0, 0.8, seed=1000, prose=prose), 1200, 32, 1e-3, 20)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), cached)
-    rows.append(["trained on passkey rows (rope_steps base)", "1200", *(f"{s:.2f}" for s in scores(model))])
-    train(model, Rows(tokenizer, L0, 0.8, seed=7000, prose=prose), args.steps, 32, 3e-4, 10)
-    rows.append([f"+ {args.steps} steps at 3e-4", str(1200 + args.steps), *(f"{s:.2f}" for s in scores(model))])
+    rows = []
+    for preset in ("tiny-llama", "tiny-llama-4h"):
+        config = preset_config(preset, vocab_size=len(tokenizer))
+        rows.append([preset, "random init", "0", *(f"{s:.2f}" for s in scores(build_model(config, seed=0)))])
+        model = build_model(config, seed=0)
+        suffix = "" if preset == "tiny-llama" else f"-{preset}"  # rope_steps' cache names
+        cached = WORK / "rope_steps" / f"base-1200-0.001{suffix}.pt"
+        if cached.is_file():
+            model.load_state_dict(torch.load(cached))
+        else:
+            train(model, Rows(tokenizer, L0, 0.8, seed=1000, prose=prose), 1200, 32, 1e-3, 20)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), cached)
+        rows.append([preset, "trained on passkey rows (rope_steps base)", "1200",
+                     *(f"{s:.2f}" for s in scores(model))])
+        train(model, Rows(tokenizer, L0, 0.8, seed=7000, prose=prose), args.steps, 32, 3e-4, 10)
+        rows.append([preset, f"+ {args.steps} steps at 3e-4", str(1200 + args.steps),
+                     *(f"{s:.2f}" for s in scores(model))])
     md = (f"passkey accuracy on 100 held-out prompts per length (BOS + prompt + 12 answer tokens inside the length); "
           f"{clock.minutes():.0f} min on this machine.\n\n"
-          + table(["model", "training steps (32x128)", "passkey@110", "passkey@128"], rows) + "\n")
+          + table(["preset", "model", "training steps (32x128)", "passkey@110", "passkey@128"], rows) + "\n")
     (HERE / "results.md").write_text(md)
     print(md)
 

@@ -3,10 +3,11 @@
 
     python experiments/rope_steps/run.py [--quick] [--seeds 1]
 
-1. Base: `tiny-llama` (1.05M parameters) trained at L0 = 128 on rows that start with a passkey document in the
-   evaluation's own format (this experiment measures extension speed, not transfer: REFERENCE §10's setting) — 80% of
-   rows, the rest real prose — 1,200 steps of 32x128, LR 1e-3 cosine to 10% (REFERENCE §10's 3e-3 gave 0.42 at
-   128 here, 1e-3 0.80). Checked: passkey@128 and @512.
+1. Base: `tiny-llama-4h` (1.05M parameters, 4 heads of 32; `--preset tiny-llama` for the 2-head model) trained at
+   L0 = 128 on rows that start with a passkey document in the evaluation's own format (this experiment measures
+   extension speed, not transfer: REFERENCE §10's setting) — 80% of rows, the rest real prose — 1,200 steps of
+   32x128, LR 1e-3 cosine to 10% (for the 2-head model REFERENCE §10's 3e-3 gave 0.42 at 128, 1e-3 0.80). Checked:
+   passkey@128 and @512.
 2. For each method (PI factor 4; YaRN factor 4 with beta_fast = 4 = L0/32, "scaled"; stock YaRN beta_fast = 32):
    fine-tune at 512 on the same kind of rows (8x512 per step, LR 1e-3, 10 warm-up steps, cosine to 10% over the
    step cap), evaluating passkey@512 on 50 prompts every 50 steps; the first step with accuracy >= 0.9 is the answer.
@@ -146,6 +147,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=800)
     parser.add_argument("--base-steps", type=int, default=None, help="base steps (default 1200; --quick 200)")
     parser.add_argument("--base-lr", type=float, default=1e-3)
+    parser.add_argument("--preset", default="tiny-llama-4h",
+                        help="model preset (tiny-llama: 2 heads of 64, the runs before 2026-11-24)")
     parser.add_argument("--base-only", action="store_true", help="train and score the base, then stop")
     parser.add_argument("--no-intro", type=float, default=0.0,
                         help="share of base documents without the passkey intro (more filler, a moving needle)")
@@ -158,8 +161,9 @@ def main() -> None:
     base_steps = args.base_steps or (200 if args.quick else 1200)
     cap = 100 if args.quick else args.max_steps
 
-    model = build_model(preset_config("tiny-llama", vocab_size=len(tokenizer)), seed=0)
-    tag = f"-nointro{args.no_intro:g}" if args.no_intro else ""
+    model = build_model(preset_config(args.preset, vocab_size=len(tokenizer)), seed=0)
+    tag = (f"-nointro{args.no_intro:g}" if args.no_intro else "") + ("" if args.preset == "tiny-llama" else
+                                                                      f"-{args.preset}")
     cached = WORK / "rope_steps" / f"base-{base_steps}-{args.base_lr:g}{tag}.pt"  # the base is reused across runs
     if cached.is_file():
         model.load_state_dict(torch.load(cached))
