@@ -3,16 +3,18 @@
     python experiments/demo_retrieval/run.py --variant wide [--steps 1200] [--every 400]
 
 The demo trains retrieval on templates of its own (never the evaluation's passkey wording) and is judged on the
-passkey format. This trains `tiny-llama` on rows that start with one such document (80% of rows; whole documents,
-REFERENCE §10's setting; the rest real prose), 32x128 per step, LR 1e-3 cosine to 10%, and prints every `--every`
-steps: greedy accuracy on 100 held-out documents of its own templates ("own") and passkey@128 (100 prompts).
+passkey format. This trains `tiny-llama-4h` (`--preset`) on rows that start with one such document (80% of rows;
+whole documents, REFERENCE §10's setting; the rest real prose), 32x128 per step, LR 1e-3 cosine to 10%, and prints
+every `--every` steps: greedy accuracy on 100 held-out documents of its own templates ("own") and passkey@128
+(100 prompts).
 
-Variants (the document generator is `midtrain.demo.retrieval_documents`, patched per variant):
-  demo   the demo's nine templates, 12 fixed nouns, filler half real prose and half repeated generated sentences
-  fixed  three templates shaped like the passkey needle/question but worded otherwise, one intro, the 12 fixed
-         nouns, generated filler only
-  wide   three such templates, two intros, and the thing named ("The {noun} is {key}.") is a random pair of words
-         from a 5,000-pair vocabulary drawn from the prose: the model must match the phrase, it cannot memorise it
+Variants (the document generator is `midtrain.demo.retrieval_documents`):
+  wide   the demo's generator since 2026-11-24: three templates shaped like the passkey needle/question but worded
+         otherwise, two intros, generated filler, and the thing named ("The {noun} is {key}.") a random pair of
+         words from a 5,000-pair vocabulary drawn from the prose: the model must match the phrase, not memorise it
+  fixed  the same with one intro and 12 fixed nouns ("secret code", "badge number", ...)
+The `demo` rows of results.json are the generator before (nine varied templates, 12 fixed nouns, half real-prose
+filler; `git show 4cb19dc:src/midtrain/demo.py`).
 fp32, one torch thread. Appends a row per evaluation to results.json (keyed by variant).
 """
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import sys
 from pathlib import Path
@@ -33,32 +34,19 @@ from experiments.common import Stopwatch, corpus_dir, table  # noqa: E402
 from experiments.rope_steps.run import L0, Rows, passkey_accuracy, train  # noqa: E402
 from midtrain import demo  # noqa: E402
 from midtrain.eval.generate import greedy_generate  # noqa: E402
-from midtrain.eval.tasks.haystack import split_sentences  # noqa: E402
 from midtrain.model import build_model, load_tokenizer, preset_config  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-MEMO = "Below is a long memo. Somewhere in it is a number you will be asked about."
-PASSKEY_SHAPED = {
-    "fixed": [("The {n} is {k}. Keep it in mind. {k} is the {n}.", "What is the {n}?", "The {n} is"),
-              ("{p}'s {n} is {k}. Note it down: {k}.", "What is {p}'s {n}?", "{p}'s {n} is"),
-              ("The code for {o} is {k}. Again, {k} opens {o}.", "What is the code for {o}?", "The code for {o} is")],
-    "wide": [("The {n} is {k}. Keep it in mind. {k} is the {n}.", "What is the {n}?", "The {n} is"),
-             ("{p}'s {n} is {k}. Note it down: {k}.", "What is {p}'s {n}?", "{p}'s {n} is"),
-             ("Write this down: the {n} is {k}.", "Which number is the {n}?", "The {n} is")],
-}
+FIXED_NOUNS = ["secret code", "access code", "secret number", "lucky number", "ticket number", "account number",
+               "serial number", "combination", "PIN", "order number", "room number", "badge number"]
 
 
-def patch_generator(variant: str, prose_docs: list[str]) -> bool:
-    """Sets the demo generator's templates for `variant`; returns whether filler may use real prose."""
-    if variant == "demo":
-        return True
-    demo._TEMPLATES[:] = PASSKEY_SHAPED[variant]
-    demo._INTROS[:] = [MEMO] if variant == "fixed" else [MEMO, ""]
-    if variant == "wide":
-        words = sorted({w.lower() for d in prose_docs for w in re.findall(r"[A-Za-z]{3,9}", d)} - {"pass", "key"})
-        rng = random.Random(5)
-        demo._CODE_NOUNS[:] = [f"{rng.choice(words)} {rng.choice(words)}" for _ in range(5000)]
-    return False
+def names_for(variant: str, prose_docs: list[str]) -> list[str]:
+    """The named things of `variant` (for `fixed`, also keeps only the memo intro)."""
+    if variant == "fixed":
+        demo._INTROS[:] = demo._INTROS[:1]
+        return FIXED_NOUNS
+    return demo.name_vocabulary(prose_docs)
 
 
 def own_accuracy(model, tokenizer, docs: list[str]) -> float:
@@ -90,9 +78,11 @@ def render(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", choices=["demo", "fixed", "wide"], default="wide")
+    parser.add_argument("--variant", choices=["wide", "fixed"], default="wide")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--every", type=int, default=400)
+    parser.add_argument("--preset", default="tiny-llama-4h",
+                        help="model preset (tiny-llama: 2 heads of 64, the runs before 2026-11-24)")
     parser.add_argument("--render", action="store_true", help="only rewrite results.md from results.json")
     args = parser.parse_args()
     out = HERE / "results.json"
@@ -104,13 +94,13 @@ def main() -> None:
     corpus = corpus_dir()
     tokenizer = load_tokenizer(corpus / "tokenizer")
     prose_docs = [json.loads(line)["text"] for line in (corpus / "prose.jsonl").read_text().splitlines()]
-    sentences = [s for d in prose_docs for s in split_sentences(d)] if patch_generator(args.variant, prose_docs) else []
+    names = names_for(args.variant, prose_docs)
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    train_docs = demo.retrieval_documents(12_000, int(0.3 * L0), L0 - 2, count, 1, sentences)
-    held = demo.retrieval_documents(100, int(0.3 * L0), L0 - 2, count, 99, sentences)
+    train_docs = demo.retrieval_documents(12_000, int(0.3 * L0), L0 - 2, count, 1, names)
+    held = demo.retrieval_documents(100, int(0.3 * L0), L0 - 2, count, 99, names)
     encoded = [[tokenizer.bos_token_id] + tokenizer(d, add_special_tokens=False)["input_ids"]
                + [tokenizer.eos_token_id] for d in train_docs]
 
@@ -119,7 +109,7 @@ def main() -> None:
             return encoded[int(self.rng.integers(len(encoded)))]
 
     prose = np.asarray(tokenizer("\n".join(prose_docs), add_special_tokens=False)["input_ids"], dtype=np.int64)
-    model = build_model(preset_config("tiny-llama", vocab_size=len(tokenizer)), seed=0)
+    model = build_model(preset_config(args.preset, vocab_size=len(tokenizer)), seed=0)
     curve: list[dict] = []
 
     def check(step: int) -> bool:
@@ -132,7 +122,8 @@ def main() -> None:
     train(model, DemoRows(tokenizer, L0, 0.8, seed=1000, prose=prose), args.steps, 32, 1e-3, 20, every=args.every,
           check=check)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results[args.variant] = {"steps": args.steps, "curve": curve}
+    key = args.variant if args.preset == "tiny-llama" else f"{args.variant}, {args.preset}"
+    results[key] = {"steps": args.steps, "curve": curve}
     out.write_text(json.dumps(results, indent=1))
     (HERE / "results.md").write_text(render(results))
 
