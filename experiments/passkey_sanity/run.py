@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import WORK, Stopwatch, table  # noqa: E402
-from experiments.rope_steps.run import L0, Rows, passkey_accuracy, tokenizer_and_prose, train  # noqa: E402
+from experiments.common import Stopwatch, table  # noqa: E402
+from experiments.rope_steps.run import L0, Rows, passkey_accuracy, tokenizer_and_prose, train, trained_base  # noqa: E402
 from midtrain.model import build_model, preset_config  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -40,15 +40,7 @@ def main() -> None:
     for preset in ("tiny-llama", "tiny-llama-4h"):
         config = preset_config(preset, vocab_size=len(tokenizer))
         rows.append([preset, "random init", "0", *(f"{s:.2f}" for s in scores(build_model(config, seed=0)))])
-        model = build_model(config, seed=0)
-        suffix = "" if preset == "tiny-llama" else f"-{preset}"  # rope_steps' cache names
-        cached = WORK / "rope_steps" / f"base-1200-0.001{suffix}.pt"
-        if cached.is_file():
-            model.load_state_dict(torch.load(cached))
-        else:
-            train(model, Rows(tokenizer, L0, 0.8, seed=1000, prose=prose), 1200, 32, 1e-3, 20)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), cached)
+        model = trained_base(preset, tokenizer, prose)
         rows.append([preset, "trained on passkey rows (rope_steps base)", "1200",
                      *(f"{s:.2f}" for s in scores(model))])
         train(model, Rows(tokenizer, L0, 0.8, seed=7000, prose=prose), args.steps, 32, 3e-4, 10)

@@ -140,6 +140,21 @@ def train(model, rows: Rows, steps: int, batch: int, peak: float, warmup: int, e
     return None
 
 
+def trained_base(preset: str, tokenizer, prose: np.ndarray, steps: int = 1200, lr: float = 1e-3,
+                 no_intro: float = 0.0):
+    """The base of step 1, trained once and cached under WORK (experiments/passkey_sanity reuses it)."""
+    model = build_model(preset_config(preset, vocab_size=len(tokenizer)), seed=0)
+    tag = (f"-nointro{no_intro:g}" if no_intro else "") + ("" if preset == "tiny-llama" else f"-{preset}")
+    cached = WORK / "rope_steps" / f"base-{steps}-{lr:g}{tag}.pt"
+    if cached.is_file():
+        model.load_state_dict(torch.load(cached))
+        return model
+    train(model, Rows(tokenizer, L0, 0.8, seed=1000, prose=prose, no_intro=no_intro), steps, 32, lr, 20)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), cached)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller budgets: a smoke test, not the result")
@@ -161,17 +176,7 @@ def main() -> None:
     base_steps = args.base_steps or (200 if args.quick else 1200)
     cap = 100 if args.quick else args.max_steps
 
-    model = build_model(preset_config(args.preset, vocab_size=len(tokenizer)), seed=0)
-    tag = (f"-nointro{args.no_intro:g}" if args.no_intro else "") + ("" if args.preset == "tiny-llama" else
-                                                                      f"-{args.preset}")
-    cached = WORK / "rope_steps" / f"base-{base_steps}-{args.base_lr:g}{tag}.pt"  # the base is reused across runs
-    if cached.is_file():
-        model.load_state_dict(torch.load(cached))
-    else:
-        train(model, Rows(tokenizer, L0, 0.8, seed=1000, prose=prose, no_intro=args.no_intro), base_steps, 32,
-              args.base_lr, 20)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), cached)
+    model = trained_base(args.preset, tokenizer, prose, base_steps, args.base_lr, args.no_intro)
     base = {"passkey@128": passkey_accuracy(model, tokenizer, L0, 100),
             "passkey@512": passkey_accuracy(model, tokenizer, TARGET, 100), "minutes": clock.minutes()}
     print(f"base after {base_steps} steps at peak LR {args.base_lr}: {base}", flush=True)

@@ -163,7 +163,7 @@ def demo(
         ctx = _run(loaded, override_gates=())
         last = ctx.plan.stages[-1]
         metrics = json.loads((ctx.run_dir / "eval" / f"{last.name}.json").read_text())["metrics"]
-        dest = install_base(ctx.export_dir(last), out / "tokenizer", metrics, base)
+        dest = install_base(ctx.export_dir(last), metrics, base)
         _print_summary(ctx.run_dir, [s.name for s in ctx.plan.stages])
         console.print(f"base installed: {dest}")
         return

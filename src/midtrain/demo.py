@@ -250,19 +250,19 @@ def prepare_base(out: Path) -> tuple[Path, list[str]]:
     return recipe, [f"run_dir={out / 'run'}"]
 
 
-def install_base(export: Path, tokenizer: Path, metrics: dict, dest: Path = DEMO_BASE) -> Path:
-    """Copies the base's HF export and tokenizer into `dest` (replaced whole, never half-written) with a
-    `provenance.json` saying how it was made and what it scored."""
+def install_base(export: Path, metrics: dict, dest: Path = DEMO_BASE) -> Path:
+    """Copies the base's HF export (weights, config, midtrain.json and the tokenizer it saves beside them) into
+    `dest` (replaced whole, never half-written) with a `provenance.json` saying how it was made and what it scored."""
     import shutil
+
+    from midtrain.train.run import PROBE_FILE
 
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("config.json", "generation_config.json", "model.safetensors", "midtrain.json"):
-        if (export / name).is_file():
-            shutil.copy2(export / name, tmp / name)
-    for item in tokenizer.iterdir():
-        shutil.copy2(item, tmp / item.name)
+    for item in export.iterdir():
+        if item.is_file() and item.name != PROBE_FILE:  # the export's load check, not part of the model
+            shutil.copy2(item, tmp / item.name)
     provenance = {"rebuild": "midtrain demo --build-base", "recipe": "src/midtrain/recipes/demo-base.yaml",
                   "metrics": metrics}
     (tmp / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
