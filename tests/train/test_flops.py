@@ -1,0 +1,55 @@
+"""MFU's numerator against torch's own FLOP counter (an independent oracle), and the matmul peak's sanity."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from midtrain.model import build_model, preset_config
+from midtrain.train.flops import (
+    attention_flops_per_token,
+    matmul_parameters,
+    measure_matmul_peak,
+    training_flops_per_token,
+)
+
+
+def _counted(preset: str, seq_len: int, batch: int = 2) -> tuple[torch.nn.Module, dict[str, int]]:
+    """FLOPs torch counts for one forward + backward, by op (eager attention: plain bmm we can count)."""
+    model = build_model(preset_config(preset, vocab_size=512), seed=0, attn_implementation="eager")
+    ids = torch.randint(0, 512, (batch, seq_len))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, use_cache=False).logits.float().sum().backward()
+    return model, {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-llama-4h", "tiny-qwen2"])
+def test_flops_per_token_match_torchs_counter(preset):
+    seq_len, batch = 48, 2
+    model, counts = _counted(preset, seq_len, batch)
+    tokens = seq_len * batch
+    # Every projection and the head: exactly 6 FLOPs per weight per token.
+    assert counts["aten.mm"] + counts.get("aten.addmm", 0) == 6 * matmul_parameters(model) * tokens
+    # Eager attention computes the full T x T square; causal attention needs half of it (what MFU counts).
+    assert counts["aten.bmm"] == 2 * attention_flops_per_token(model.config, seq_len) * tokens
+    assert training_flops_per_token(model, seq_len) == (
+        6 * matmul_parameters(model) + attention_flops_per_token(model.config, seq_len))
+
+
+def test_tied_head_counts_as_a_matmul():
+    tied = build_model(preset_config("tiny-qwen2", vocab_size=512), seed=0)
+    embedding = tied.get_input_embeddings().weight
+    assert tied.get_output_embeddings().weight is embedding  # one tensor, two uses
+    layers = sum(p.numel() for name, p in tied.named_parameters()
+                 if p.dim() == 2 and p is not embedding)  # q/k/v/o and MLP weights
+    assert matmul_parameters(tied) == layers + embedding.numel()
+
+
+def test_attention_term_uses_head_dim_not_hidden_size():
+    cfg = preset_config("tiny-qwen2", vocab_size=512)
+    cfg.head_dim = 2 * cfg.hidden_size // cfg.num_attention_heads
+    assert attention_flops_per_token(cfg, 100) == 6 * cfg.num_hidden_layers * 100 * 2 * cfg.hidden_size
+
+
+def test_matmul_peak_is_plausible():
+    peak = measure_matmul_peak(torch.float32, size=256, seconds=0.05)
+    assert 1e8 < peak < 1e14  # a CPU core does 1-100 GFLOP/s; anything else means the timing is broken
