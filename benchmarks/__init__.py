@@ -4,4 +4,4 @@ Each module registers its benchmarks with `benchmarks.common.register`; `SUITES`
 imports. A new benchmark is a new module here plus one entry in `SUITES`. Results go to `benchmarks/results/`.
 """
 
-SUITES = ("benchmarks.trainer", "benchmarks.packing", "benchmarks.compile", "benchmarks.data")
+SUITES = ("benchmarks.trainer", "benchmarks.packing", "benchmarks.compile", "benchmarks.data", "benchmarks.loss")

@@ -370,6 +370,9 @@ class Recipe(_Strict):
     compile: bool = False
     # recompute each decoder layer in backward: activation memory ~1/n_layers of the stored case for ~1.3x compute
     activation_checkpointing: bool = False
+    # cross-entropy with the lm_head applied this many tokens at a time, never the full [tokens, vocab] fp32 logits:
+    # for large vocabularies (e.g. 128k) where logits and their gradient dominate memory; null = full logits
+    loss_chunk_tokens: int | None = Field(None, gt=0)
     # flex_attention skips fully masked blocks of packed documents (GPU only: no CPU backward in torch 2.13).
     attention: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     sources: list[Source] = Field(default_factory=list)

@@ -16,6 +16,7 @@ so a model whose attention bypasses the wrapper stays correct, only slower.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from midtrain.model.head import HeadInputs, chunkable_head, hidden_states_only
 from midtrain.model.hf import unwrap_model
 
 # sdpa treats a bool mask as "True = attend". eager *adds* the mask to the scores, so a bool mask there adds 0/1
@@ -288,9 +290,17 @@ _install()
 
 
 def forward_packed(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, segments: bool | None = None, **kwargs: Any
-) -> torch.Tensor:
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    segments: bool | None = None,
+    loss_chunk_tokens: int | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | HeadInputs:
     """Logits [B, T, V] of a packed batch, attention confined to each document. No loss is computed here.
+
+    With `loss_chunk_tokens`, the head's inputs instead (`HeadInputs`: final hidden states and head weight), for
+    `token_loss_sums` to apply the head that many rows at a time; ValueError for a head it cannot reproduce.
 
     `model` may be wrapped (DDP, torch.compile): it is called as given so wrappers keep working; the config is read
     from the unwrapped model. `segments` picks per-document `is_causal` attention for multi-document rows of `sdpa`
@@ -322,11 +332,13 @@ def forward_packed(
         raise ValueError(
             f"forward_packed supports attn_implementation 'sdpa', 'eager' or 'flex_attention' (got {impl!r})"
         )
-    out = model(
-        input_ids=batch["input_ids"],
-        position_ids=position_ids,
-        attention_mask=mask,
-        use_cache=False,
-        **kwargs,
-    )
-    return out.logits
+    head = None if loss_chunk_tokens is None else chunkable_head(model)
+    with contextlib.nullcontext() if head is None else hidden_states_only(head):
+        out = model(
+            input_ids=batch["input_ids"],
+            position_ids=position_ids,
+            attention_mask=mask,
+            use_cache=False,
+            **kwargs,
+        )
+    return out.logits if head is None else HeadInputs(out.logits, head.weight, loss_chunk_tokens)

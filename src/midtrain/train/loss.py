@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from midtrain.model.head import HeadInputs
+from midtrain.train.linear_loss import IGNORE, linear_cross_entropy
 
 
 def token_loss_sums(
-    logits: torch.Tensor,
+    logits: torch.Tensor | HeadInputs,
     labels: torch.Tensor,
     source_ids: torch.Tensor,
     n_sources: int,
@@ -24,10 +25,15 @@ def token_loss_sums(
 
     HF convention: logits at position t predict labels[t + 1]. With `reuse_logits` (the trainer's choice) and fp32
     logits that require grad, the logits' storage becomes their gradient (`inplace_cross_entropy`): the caller must
-    not read `logits` after this call.
+    not read `logits` after this call. `HeadInputs` (from `forward_packed(..., loss_chunk_tokens=n)`) instead of
+    logits: the head is applied n rows at a time (`linear_cross_entropy`), never materialising the full logits.
     """
     # Shift the labels, not the logits: slicing [B, T, V] logits copies the largest tensor of the step.
     shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    if isinstance(logits, HeadInputs):
+        hidden = logits.hidden.reshape(-1, logits.hidden.size(-1))
+        total, losses = linear_cross_entropy(hidden, logits.weight, shift_labels, logits.chunk_tokens)
+        return (total, *_per_source(losses, shift_labels, source_ids, n_sources))
     flat = logits.reshape(-1, logits.size(-1))
     # Only a tensor the forward made for us (not a leaf, not a view of another tensor) may be overwritten.
     if (reuse_logits and torch.is_grad_enabled() and logits.dtype == torch.float32 and logits.grad_fn is not None
@@ -35,12 +41,18 @@ def token_loss_sums(
         losses = inplace_cross_entropy(flat, shift_labels)
     else:
         losses = F.cross_entropy(flat.float(), shift_labels, ignore_index=IGNORE, reduction="none")
+    return (losses.sum(), *_per_source(losses, shift_labels, source_ids, n_sources))
+
+
+def _per_source(
+    losses: torch.Tensor, shift_labels: torch.Tensor, source_ids: torch.Tensor, n_sources: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     valid = shift_labels != IGNORE
     src = F.pad(source_ids[:, 1:], (0, 1), value=0).reshape(-1).clamp(min=0)
     detached = losses.detach() * valid
-    per_source = torch.zeros(n_sources, dtype=torch.float32, device=logits.device).index_add_(0, src, detached)
-    counts = torch.zeros(n_sources, dtype=torch.float32, device=logits.device).index_add_(0, src, valid.float())
-    return losses.sum(), per_source, counts
+    per_source = torch.zeros(n_sources, dtype=torch.float32, device=losses.device).index_add_(0, src, detached)
+    counts = torch.zeros(n_sources, dtype=torch.float32, device=losses.device).index_add_(0, src, valid.float())
+    return per_source, counts
 
 
 def label_count(labels: torch.Tensor) -> int:

@@ -8,6 +8,7 @@ after-eval exists; a re-run skips finished stages and resumes the first unfinish
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -33,6 +34,7 @@ from midtrain.model import (
     unwrap_model,
 )
 from midtrain.model.convert import with_router_aux_loss
+from midtrain.model.head import chunkable_head
 from midtrain.plan import Plan, StagePlan, build_plan
 from midtrain.train import checkpoint as ckpt
 from midtrain.train import stage_eval
@@ -477,9 +479,13 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
         callbacks.append(TensorBoardLogger(ctx.run_dir / "tensorboard", dist.is_main))
     if ctx.options.wandb:
         callbacks.append(WandbLogger(ctx.run_dir, dist.is_main, name=f"{ctx.run_dir.name}-{stage.name}"))
+    train_forward = forward_packed
+    if recipe.loss_chunk_tokens is not None:  # chunked lm_head + loss; refuses unsupported heads before step 1
+        chunkable_head(model)
+        train_forward = functools.partial(forward_packed, loss_chunk_tokens=recipe.loss_chunk_tokens)
     trainer = Trainer(
         model=model, optimizer=optimizer, loader=ledger, stage=stage,
-        forward=with_router_aux_loss(model, forward_packed), dist=dist, domains=ctx.domains, precision=ctx.precision,
+        forward=with_router_aux_loss(model, train_forward), dist=dist, domains=ctx.domains, precision=ctx.precision,
         grad_clip=stage_cfg.optimizer.grad_clip, callbacks=callbacks, state=state,
         skip_nonfinite=recipe.step_guard.skip_nonfinite, spike_factor=recipe.step_guard.spike_factor,
         forced_skips=forced_skips_of(saved) if latest is not None else {},

@@ -1,0 +1,88 @@
+"""The output head's inputs instead of its logits, for a loss that applies the head itself in chunks.
+
+`forward_packed(..., loss_chunk_tokens=n)` returns `HeadInputs` (the final-normed hidden states and the head's
+weight) and `midtrain.train.linear_loss` computes logits, loss and gradients a chunk of rows at a time, so the
+[tokens, vocab] logits never exist in full. The model is still called whole — DDP's and torch.compile's wrappers
+keep running — only the output embedding's `forward` is swapped for the identity during that call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from midtrain.model.hf import unwrap_model
+
+# Config fields of transformers models that post-process the head's logits (softcapping or scaling): the chunked
+# loss would silently skip them. Value = the field's "does nothing" setting (None: any value is refused).
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,  # Gemma 2/3
+    "logit_scale": None,  # Cohere
+    "logits_scaling": 1.0,  # Granite divides the logits by it
+    "lm_head_multiplier": 1.0,  # Falcon-H1
+}
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """What the head would have turned into logits: `hidden` [B, T, d] and the bias-free `weight` [V, d]."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    chunk_tokens: int
+
+
+def chunkable_head(model: nn.Module) -> nn.Linear:
+    """The output head of a (possibly DDP/compile-wrapped) model if the chunked loss reproduces its logits exactly;
+    otherwise a ValueError naming what stands in the way."""
+    inner = unwrap_model(model)
+    config = inner.config
+    for name, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            raise ValueError(f"loss_chunk_tokens: the model's config sets {name}={value!r}, which transforms the "
+                             "logits after the head; the chunked loss does not apply it (unset loss_chunk_tokens)")
+    head = inner.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        kind = type(head).__name__ + (" with a bias" if isinstance(head, nn.Linear) else "")
+        raise ValueError(f"loss_chunk_tokens needs a bias-free nn.Linear output head (get_output_embeddings() is "
+                         f"{kind}); unset loss_chunk_tokens")
+    if _is_dtensor(head.weight):
+        raise ValueError("loss_chunk_tokens: the chunked loss supports single-process and DDP training for now, not "
+                         "FSDP (distributed: fsdp2); unset loss_chunk_tokens")
+    return head
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@contextlib.contextmanager
+def hidden_states_only(head: nn.Module) -> Iterator[None]:
+    """While inside, `head(x)` returns x (its hooks still run): the model's `logits` are the head's inputs.
+
+    Sets the instance attribute `forward` and restores whatever was there before, on error too. Under torch.compile
+    the swap is a guarded attribute: a compiled model keeps one graph per setting.
+    """
+    had = "forward" in vars(head)
+    previous = vars(head).get("forward")
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        if had:
+            head.forward = previous
+        else:
+            del head.forward

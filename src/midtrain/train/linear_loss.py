@@ -1,0 +1,111 @@
+"""Cross-entropy of a bias-free linear head, a chunk of rows at a time: the [N, V] logits never exist in full.
+
+With a 128k vocabulary an 8k-token micro-batch has 4 GB of fp32 logits and as much again for their gradient. Here
+the forward walks `chunk_tokens` rows at a time: logits (compute dtype), log-sum-exp (fp32), the per-token loss, and
+at once the chunk's gradient — softmax - onehot, turned into d(hidden) [rows, d] and accumulated into d(weight)
+[V, d] in fp32. The backward only scales those two by the upstream scalar gradient (the sum is linear in it).
+Peak extra memory: a few [chunk_tokens, V] buffers plus d(hidden) [N, d] and an fp32 [V, d].
+
+Autocast: `torch.amp.custom_fwd` takes one fixed device type at decoration time, so the autocast state is read here
+for the hidden states' device and the forward runs with autocast off and explicit casts — what
+`custom_fwd(cast_inputs=...)` does, for any device. The backward does no matmul, so its autocast state is moot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, per-token losses [N] detached) of logits = hidden [N, d] @ weight[V, d].T against
+    `labels` [N] (already aligned with the rows; IGNORE rows count 0). Same as `F.cross_entropy(logits.float(), ...,
+    reduction="none")` over the full logits, which are computed in the autocast dtype when autocast is on (as
+    `nn.Linear` would), else in the inputs' promoted dtype. Differentiable in `hidden` and `weight` through the sum
+    only; the per-token losses are for reporting."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 (got {chunk_tokens})")
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        compute = torch.get_autocast_dtype(device)
+    else:
+        compute = torch.promote_types(hidden.dtype, weight.dtype)
+    grads = (hidden.requires_grad, weight.requires_grad)
+    if not torch.is_grad_enabled() or not any(grads):  # evaluation: losses only
+        with torch.autocast(device, enabled=False):
+            total, losses, _, _ = _chunks(hidden, weight, labels, chunk_tokens, compute, (False, False))
+        return total, losses
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, compute, grads)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens, compute, grads):
+        with torch.autocast(hidden.device.type, enabled=False):
+            total, losses, grad_hidden, grad_weight = _chunks(hidden, weight, labels, chunk_tokens, compute, grads)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(losses)
+        return total, losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, _grad_losses):
+        if getattr(ctx, "used", False):  # the stored gradients were scaled in place by the first backward
+            raise RuntimeError("linear_cross_entropy supports one backward per forward (no retain_graph reuse)")
+        ctx.used = True
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_total)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    compute: torch.dtype,
+    grads: tuple[bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The loss sum, per-token losses, and (where `grads` asks) d(sum)/d(hidden) in hidden's dtype and
+    d(sum)/d(weight) in fp32. Runs without autograd: every buffer is freed or reused before the next chunk."""
+    n = hidden.shape[0]
+    w = weight.detach().to(compute)  # one [V, d] copy under bf16 autocast, as autocast's own cast of the weight
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grads[0] else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads[1] else None
+    with torch.no_grad():
+        for start in range(0, n, chunk_tokens):
+            end = min(start + chunk_tokens, n)
+            h = hidden[start:end].detach().to(compute)
+            target = labels[start:end]
+            valid = target != IGNORE
+            target = target.clamp(min=0)[:, None]
+            z = g = None  # the previous chunk's [rows, V] buffers go before this chunk's are allocated
+            z = (h @ w.T).float()  # [rows, V] fp32 (no copy when the compute dtype is fp32)
+            # In z's storage from here on (no [rows, V] temporaries, unlike torch.logsumexp): exp, then the
+            # gradient d(loss)/d(logits) = softmax - onehot, zero on ignored rows.
+            picked = z.gather(1, target).squeeze(1)
+            top = z.amax(dim=1, keepdim=True)
+            total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
+            lse = (top + total.log()).squeeze(1)
+            losses[start:end] = torch.where(valid, lse - picked, 0.0)
+            if grad_hidden is None and grad_weight is None:
+                continue
+            z.div_(total).scatter_add_(1, target, -torch.ones_like(total))
+            g = z.mul_(valid[:, None].to(z.dtype)).to(compute)
+            z = None  # bf16: the fp32 copy is not needed for the matmuls
+            if grad_hidden is not None:
+                grad_hidden[start:end] = g @ w
+            if grad_weight is not None:
+                if compute == torch.float32:
+                    grad_weight.addmm_(g.T, h)
+                else:  # bf16 matmul (fp32 accumulation inside), summed over chunks in fp32
+                    grad_weight += g.T @ h
+    return losses.sum(), losses, grad_hidden, grad_weight
