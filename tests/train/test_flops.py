@@ -53,3 +53,42 @@ def test_attention_term_uses_head_dim_not_hidden_size():
 def test_matmul_peak_is_plausible():
     peak = measure_matmul_peak(torch.float32, size=256, seconds=0.05)
     assert 1e8 < peak < 1e14  # a CPU core does 1-100 GFLOP/s; anything else means the timing is broken
+
+
+def _fake_trainer(precision: str, world_size: int = 1):
+    from types import SimpleNamespace
+
+    dist = SimpleNamespace(device=torch.device("cpu"), world_size=world_size)
+    return SimpleNamespace(dist=dist, precision=precision)
+
+
+def test_throughput_monitor_adds_flops_and_mfu_to_train_rows():
+    from midtrain.train.callbacks import ThroughputMonitor
+
+    monitor = ThroughputMonitor(flops_per_token=3_000_000, measure_seconds=0.05)
+    trainer = _fake_trainer("fp32", world_size=2)
+    monitor.on_stage_start(trainer)
+    assert monitor.peak_flops > 1e8
+    row = {"tokens_per_s": 20_000.0}
+    monitor.on_step_end(trainer, row)
+    assert row["model_tflops_per_s"] == pytest.approx(3e6 * 2e4 / 1e12)
+    assert row["mfu"] == pytest.approx(3e6 * 2e4 / (monitor.peak_flops * 2))  # the peak of every rank
+
+
+def test_throughput_monitor_gives_no_mfu_for_emulated_bf16(monkeypatch):
+    from midtrain.train import callbacks
+
+    monkeypatch.setattr("midtrain.train.precision.native_bf16", lambda device: False)
+    monitor = callbacks.ThroughputMonitor(flops_per_token=10)
+    monitor.on_stage_start(_fake_trainer("bf16-mixed"))
+    row = {"tokens_per_s": 5.0}
+    monitor.on_step_end(_fake_trainer("bf16-mixed"), row)
+    assert row["model_tflops_per_s"] == pytest.approx(50 / 1e12) and "mfu" not in row
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    measure_matmul_peak(torch.float32, size=64, seconds=0.01)
+    assert torch.equal(torch.rand(3), expected)

@@ -175,3 +175,38 @@ class WandbLogger(Callback):
     def on_step_end(self, trainer: Trainer, row: dict) -> None:
         if self.run is not None:
             self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+
+
+class ThroughputMonitor(Callback):
+    """Adds `model_tflops_per_s` and `mfu` to each train row (before the metrics writer logs it).
+
+    `flops_per_token` comes from `midtrain.train.flops.training_flops_per_token` (the model is the caller's concern,
+    not the trainer's). The peak is a matmul in the step's compute precision, measured on this rank's device at the
+    first stage start of the process (`matmul_peak_cached`: on a shared machine it moves, and so does MFU). Emulated
+    bf16 (a CPU without native bf16) has no meaningful peak: rows then carry the FLOP/s but no MFU.
+    """
+
+    def __init__(self, flops_per_token: int, measure_seconds: float = 0.5):
+        self.flops_per_token, self.measure_seconds = flops_per_token, measure_seconds
+        self.peak_flops: float | None = None
+
+    def on_stage_start(self, trainer: Trainer) -> None:
+        import torch
+
+        from midtrain.train.flops import matmul_peak_cached
+        from midtrain.train.precision import native_bf16
+
+        device = trainer.dist.device
+        bf16 = trainer.precision == "bf16-mixed"
+        if bf16 and not native_bf16(device):
+            self.peak_flops = None
+            return
+        size = 4096 if device.type == "cuda" else 1024
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        self.peak_flops = matmul_peak_cached(dtype, size, self.measure_seconds, device)
+
+    def on_step_end(self, trainer: Trainer, row: dict) -> None:
+        achieved = self.flops_per_token * row["tokens_per_s"]  # tokens of all ranks
+        row["model_tflops_per_s"] = achieved / 1e12
+        if self.peak_flops:
+            row["mfu"] = achieved / (self.peak_flops * trainer.dist.world_size)

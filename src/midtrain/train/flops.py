@@ -32,6 +32,11 @@ def attention_flops_per_token(config: Any, seq_len: int) -> int:
     return 6 * config.num_hidden_layers * seq_len * heads * head_dim
 
 
+def is_dense(config: Any) -> bool:
+    """False for mixture-of-experts configs, whose per-token FLOPs this module does not count."""
+    return not any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
 def training_flops_per_token(model: nn.Module, seq_len: int) -> int:
     """Model FLOPs of one trained token (forward + backward) at row length `seq_len`; see the module docstring."""
     from midtrain.model.hf import unwrap_model
@@ -40,14 +45,19 @@ def training_flops_per_token(model: nn.Module, seq_len: int) -> int:
     return 6 * matmul_parameters(inner) + attention_flops_per_token(inner.config, seq_len)
 
 
+_PEAKS: dict[tuple[str, torch.dtype, int], float] = {}
+
+
 def measure_matmul_peak(
     dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 1.0, device: str | torch.device = "cpu"
 ) -> float:
     """Best achieved FLOP/s of a square `size`³ matmul in `dtype` over about `seconds` (best of the repeats: the
-    peak the hardware gives this process right now, with the current thread count)."""
+    peak the hardware gives this process right now, with the current thread count). Draws no global random numbers
+    (a run's RNG streams stay as they were)."""
     device = torch.device(device)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
     flops = 2 * size**3
 
     def sync() -> None:
@@ -67,3 +77,12 @@ def measure_matmul_peak(
         if time.perf_counter() >= deadline:
             break
     return flops / best
+
+
+def matmul_peak_cached(dtype: torch.dtype, size: int, seconds: float, device: torch.device) -> float:
+    """`measure_matmul_peak`, measured once per process and (device, dtype, size): runs log MFU without paying
+    the measurement at every stage."""
+    key = (str(device), dtype, size)
+    if key not in _PEAKS:
+        _PEAKS[key] = measure_matmul_peak(dtype, size=size, seconds=seconds, device=device)
+    return _PEAKS[key]

@@ -45,10 +45,12 @@ from midtrain.train.callbacks import (
     MetricsWriter,
     ProgressBar,
     TensorBoardLogger,
+    ThroughputMonitor,
     WandbLogger,
     truncate_metrics,
 )
 from midtrain.train.distributed import DistInfo, barrier, init_distributed, wrap_model
+from midtrain.train.flops import is_dense, training_flops_per_token
 from midtrain.train.gns import GradientNoiseScale
 from midtrain.train.optim import build_optimizer
 from midtrain.train.precision import resolve_precision
@@ -473,6 +475,9 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
     callbacks = [ledger, *(cb for cb in (gns, averager) if cb is not None), ctx.metrics,
                  Every(stage_cfg.eval.every_tokens, validate),
                  Every(recipe.checkpoint.every_tokens, save, at_end=True)]
+    if is_dense(unwrap_model(model).config):  # model FLOP/s and MFU in the train rows, before the writer logs them
+        monitor = ThroughputMonitor(training_flops_per_token(model, stage.seq_len))
+        callbacks.insert(callbacks.index(ctx.metrics), monitor)
     if ctx.options.progress:
         callbacks.append(ProgressBar(dist.is_main, ctx.options.console))
     if ctx.options.tensorboard:
