@@ -35,3 +35,22 @@ def test_matches_the_models_own_loss_window_by_window():
     tail = perplexity_at_length(model, docs, 32, score_from=16)
     assert tail["tokens"] == 7 * 15 and tail["loss"] != out["loss"]
     assert model.training  # restored
+
+
+def test_chunked_head_gives_the_same_perplexity(monkeypatch):
+    """Large batches x vocabularies apply the head in row chunks (no [tokens, vocab] logits); same numbers."""
+    from midtrain.eval import perplexity
+
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny-llama", vocab_size=512), seed=0)
+    docs = [torch.randint(0, 512, (200,)).tolist() for _ in range(3)]
+    full = perplexity_at_length(model, docs, 64, batch_size=4, score_from=8)
+    calls = []
+    real = perplexity.linear_cross_entropy
+    monkeypatch.setattr(perplexity, "linear_cross_entropy", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(perplexity, "CHUNK_ABOVE_LOGITS", 1000)
+    monkeypatch.setattr(perplexity, "CHUNK_TOKENS", 50)
+    chunked = perplexity_at_length(model, docs, 64, batch_size=4, score_from=8)
+    assert calls and calls[0] == 50  # the chunked path ran
+    assert chunked["tokens"] == full["tokens"]
+    assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-5)

@@ -9,6 +9,7 @@ once, the chunked one each chunk's share (summed in fp32): they agree to 1% in n
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -291,10 +292,17 @@ def test_recipe_option_keeps_per_step_losses(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MIDTRAIN_CACHE", str(tmp_path / "cache"))
     recipe_path = write_recipe(tmp_path, warm_tokens=2048, anneal_tokens=1024, every=4096)
-    losses = []
+    losses, evals = [], []
     for chunk in ("null", "100"):
         recipe = load_recipe(recipe_path, [f"run_dir={tmp_path / chunk}", f"loss_chunk_tokens={chunk}"])
         run(recipe, RunOptions(progress=False))
         losses.append([r["loss"] for r in train_rows(tmp_path / chunk)])
+        # the held-out evaluation applies the head in chunks too: same numbers
+        files = sorted((tmp_path / chunk / "eval").glob("*.json"))
+        evals.append({p.name: json.loads(p.read_text())["metrics"] for p in files})
     assert len(losses[0]) == 6
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert evals[0] and evals[0].keys() == evals[1].keys()
+    for name, metrics in evals[0].items():
+        losses_only = {k: v for k, v in metrics.items() if k.startswith("loss")}
+        assert losses_only and {k: evals[1][name][k] for k in losses_only} == pytest.approx(losses_only, rel=1e-5)

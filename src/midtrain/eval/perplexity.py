@@ -16,6 +16,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from midtrain.model.head import chunkable_head, hidden_states_only
+from midtrain.train.linear_loss import linear_cross_entropy
+
+# Above this many fp32 logits per batch (1 GiB) the head is applied a chunk of rows at a time: 4 windows of 32k
+# tokens at a 128k vocabulary would be 64 GiB of logits, for a sum that needs none of them at once.
+CHUNK_ABOVE_LOGITS = 1 << 28
+CHUNK_TOKENS = 4096
+
+
+def _loss_sum(model: nn.Module, ids: torch.Tensor, score_from: int) -> float:
+    """Summed next-token loss of positions >= score_from of `ids` [B, T] (one document per row)."""
+    targets = ids[:, score_from + 1 :]
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
+    head = None
+    if ids.numel() * vocab > CHUNK_ABOVE_LOGITS:
+        try:
+            head = chunkable_head(model)
+        except ValueError:  # softcapped, biased or sharded head: the full logits it is
+            head = None
+    if head is None:
+        logits = model(input_ids=ids, use_cache=False).logits[:, score_from:-1].float()
+        return float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"))
+    with hidden_states_only(head):
+        hidden = model(input_ids=ids, use_cache=False).logits[:, score_from:-1]
+    total, _ = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head.weight, targets.reshape(-1),
+                                    CHUNK_TOKENS)
+    return float(total)
+
 
 def length_windows(documents: Sequence[Sequence[int] | np.ndarray], length: int, max_windows: int) -> torch.Tensor:
     """[N, length] windows, taken document by document in order (deterministic), at most `max_windows`."""
@@ -57,10 +85,8 @@ def perplexity_at_length(
     try:
         for start in range(0, len(windows), batch_size):
             ids = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, score_from:-1].float()
-            targets = ids[:, score_from + 1 :]
-            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"))
-            count += targets.numel()
+            total += _loss_sum(model, ids, score_from)
+            count += ids[:, score_from + 1 :].numel()
     finally:
         model.train(was_training)
     loss = total / count

@@ -461,8 +461,13 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
                              is_main=dist.is_main, keep_last=recipe.checkpoint.keep_last, protect=(final_step,),
                              extra_tensors={AVERAGE_FILE: averager.tensors()} if averager and averager.count else None)
 
+    train_forward = forward_packed
+    if recipe.loss_chunk_tokens is not None:  # chunked head + loss, in validation too; refuses unsupported heads now
+        chunkable_head(model)
+        train_forward = functools.partial(forward_packed, loss_chunk_tokens=recipe.loss_chunk_tokens)
+
     def validate(trainer: Trainer) -> None:
-        metrics = heldout_metrics(model, forward_packed, heldout, ctx.domains, device=dist.device,
+        metrics = heldout_metrics(model, train_forward, heldout, ctx.domains, device=dist.device,
                                   precision=ctx.precision)
         st = trainer.state
         row = {"event": "val", "step": st.global_step, "tokens": st.global_tokens, "stage": stage.name,
@@ -484,10 +489,6 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
         callbacks.append(TensorBoardLogger(ctx.run_dir / "tensorboard", dist.is_main))
     if ctx.options.wandb:
         callbacks.append(WandbLogger(ctx.run_dir, dist.is_main, name=f"{ctx.run_dir.name}-{stage.name}"))
-    train_forward = forward_packed
-    if recipe.loss_chunk_tokens is not None:  # chunked lm_head + loss; refuses unsupported heads before step 1
-        chunkable_head(model)
-        train_forward = functools.partial(forward_packed, loss_chunk_tokens=recipe.loss_chunk_tokens)
     trainer = Trainer(
         model=model, optimizer=optimizer, loader=ledger, stage=stage,
         forward=with_router_aux_loss(model, train_forward), dist=dist, domains=ctx.domains, precision=ctx.precision,

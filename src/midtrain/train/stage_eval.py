@@ -6,6 +6,7 @@ perplexity vs length run on rank 0 on a plain model: the start model before, the
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Sequence
@@ -51,7 +52,10 @@ def evaluate_stage(ctx, stage, model, batches, when: str, step: int, tokens: int
     spec = eval_spec(ctx, stage)
     metrics: dict[str, float] = {}
     if "loss" in spec.tasks and batches:
-        metrics = heldout_metrics(model, forward_packed, batches, ctx.domains, device=ctx.dist.device,
+        forward = forward_packed
+        if ctx.recipe.loss_chunk_tokens is not None:  # the head a chunk of rows at a time, as in training
+            forward = functools.partial(forward_packed, loss_chunk_tokens=ctx.recipe.loss_chunk_tokens)
+        metrics = heldout_metrics(model, forward, batches, ctx.domains, device=ctx.dist.device,
                                   precision=ctx.precision)
     if not ctx.dist.is_main:
         barrier()
