@@ -92,3 +92,24 @@ def test_measuring_the_peak_leaves_the_global_rng_alone():
     torch.manual_seed(7)
     measure_matmul_peak(torch.float32, size=64, seconds=0.01)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_progress_lines_show_mfu_when_logged():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from midtrain.train.callbacks import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(is_main=True, console=Console(file=out, force_terminal=False, width=200))
+    trainer = SimpleNamespace(stage=SimpleNamespace(name="anneal", steps=2), state=SimpleNamespace(stage_step=0))
+    bar.on_stage_start(trainer)
+    trainer.state.stage_step = 1
+    bar.on_step_end(trainer, {"loss": 2.5, "lr": 1e-3, "tokens_per_s": 1234.0, "mfu": 0.561})
+    trainer.state.stage_step = 2
+    bar.on_step_end(trainer, {"loss": 2.4, "lr": 1e-3, "tokens_per_s": 1200.0})
+    lines = out.getvalue().splitlines()
+    assert "1,234 tok/s  mfu 56%" in lines[0] and "anneal 1/2" in lines[0]
+    assert "1,200 tok/s  eta" in lines[1]  # no mfu logged (an MoE, emulated bf16): none shown

@@ -73,7 +73,7 @@ class Every(Callback):
 
 
 class ProgressBar(Callback):
-    """A rich progress bar per stage with loss, LR, tokens/s and ETA (main rank).
+    """A rich progress bar per stage with loss, LR, tokens/s, MFU (when logged) and ETA (main rank).
 
     When output is not a terminal (CI, `| tee`), a live bar would print nothing until the end: print a plain line
     every ~10% of the stage (and at least every `log_seconds`) instead.
@@ -99,7 +99,7 @@ class ProgressBar(Callback):
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]}"),
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
@@ -107,16 +107,17 @@ class ProgressBar(Callback):
         self.progress.start()
         self.task = self.progress.add_task(
             trainer.stage.name, total=trainer.stage.steps, completed=trainer.state.stage_step,
-            loss="-", lr="-", tps="-",
+            loss="-", lr="-", speed="- tok/s",
         )
 
     def on_step_end(self, trainer: Trainer, row: dict) -> None:
         if not self.is_main:
             return
         loss = f"{row['loss']:.4f}" if math.isfinite(row["loss"]) else str(row["loss"])
+        speed = f"{row['tokens_per_s']:,.0f} tok/s" + (f"  mfu {row['mfu']:.0%}" if "mfu" in row else "")
         if self.progress is not None:
             self.progress.update(self.task, completed=trainer.state.stage_step, loss=loss,
-                                 lr=f"{row['lr']:.2e}", tps=f"{row['tokens_per_s']:,.0f}")
+                                 lr=f"{row['lr']:.2e}", speed=speed)
             return
         if not self.plain:
             return
@@ -129,8 +130,7 @@ class ProgressBar(Callback):
         rate = (now - self.start_time) / max(1, done - self.start_step)
         eta = rate * (total - done)
         self.console.print(
-            f"{trainer.stage.name} {done}/{total}  loss {loss}  lr {row['lr']:.2e}  "
-            f"{row['tokens_per_s']:,.0f} tok/s  eta {eta:,.0f}s",
+            f"{trainer.stage.name} {done}/{total}  loss {loss}  lr {row['lr']:.2e}  {speed}  eta {eta:,.0f}s",
             highlight=False,
         )
 
