@@ -4,4 +4,11 @@ Each module registers its benchmarks with `benchmarks.common.register`; `SUITES`
 imports. A new benchmark is a new module here plus one entry in `SUITES`. Results go to `benchmarks/results/`.
 """
 
-SUITES = ("benchmarks.trainer", "benchmarks.packing", "benchmarks.compile", "benchmarks.data", "benchmarks.loss")
+SUITES = (
+    "benchmarks.trainer",
+    "benchmarks.packing",
+    "benchmarks.memory",
+    "benchmarks.compile",
+    "benchmarks.data",
+    "benchmarks.loss",
+)

@@ -106,11 +106,12 @@ def make_stage(seq_len: int, batch_tokens: int, steps: int = 1000):
 
 def midtrain_step(
     preset: str, seq_len: int, batch_tokens: int, precision: str, source, reference: bool = False,
-    compiled: bool = False,
+    compiled: bool = False, checkpointing: bool = False, loss_chunk_tokens: int | None = None, vocab: int = VOCAB,
 ) -> Callable[[], dict]:
     """One `Trainer.train_step()` of midtrain's real trainer, exactly as `midtrain run` builds it (no callbacks).
     `reference`: dense-mask attention and F.cross_entropy instead (the pre-optimisation step, same results).
-    `compiled`: the model wrapped in `torch.compile` after the optimizer is built, as recipe `compile: true` does."""
+    `compiled`: the model wrapped in `torch.compile` after the optimizer is built, as recipe `compile: true` does.
+    `checkpointing`, `loss_chunk_tokens`: the recipe keys `activation_checkpointing` and `loss_chunk_tokens`."""
     import functools
 
     from midtrain.model import build_model, forward_packed, preset_config
@@ -120,9 +121,14 @@ def midtrain_step(
 
     recipe, stage = make_stage(seq_len, batch_tokens)
     stage_cfg = recipe.stages[0]
-    model = build_model(preset_config(preset, vocab_size=VOCAB), seed=0)
+    model = build_model(preset_config(preset, vocab_size=vocab), seed=0)
     model.train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, stage_cfg.optimizer, lr=stage.lr_at_step(0))
+    forward = functools.partial(forward_packed, segments=False) if reference else forward_packed
+    if loss_chunk_tokens is not None:
+        forward = functools.partial(forward, loss_chunk_tokens=loss_chunk_tokens)
     if compiled:
         model = torch.compile(model)
     trainer = Trainer(
@@ -130,7 +136,7 @@ def midtrain_step(
         optimizer=optimizer,
         loader=make_loader(source, seq_len, batch_tokens),
         stage=stage,
-        forward=functools.partial(forward_packed, segments=False) if reference else forward_packed,
+        forward=forward,
         dist=DistInfo(),
         domains=["bench"],
         precision=precision,
