@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from benchmarks import SUITES
-from benchmarks.common import REGISTRY, RESULTS_DIR, format_table, machine_info, set_threads, write_result
+from benchmarks.common import OUT_DIR, REGISTRY, RESULTS_DIR, format_table, machine_info, set_threads, write_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
 
+    OUT_DIR[0] = args.out_dir
     threads = set_threads(args.threads)
     info = machine_info()
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["flags"].items())

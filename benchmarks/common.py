@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where this run writes its JSON (`--out-dir`): a benchmark that reads another's result (data reads trainer's) looks
+# here, so a run with its own --out-dir compares with its own numbers.
+OUT_DIR = [RESULTS_DIR]
 
 
 # --------------------------------------------------------------------------- registry

@@ -14,14 +14,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, BenchResult, interleaved, register
+from benchmarks.common import OUT_DIR, BenchResult, interleaved, register
 
 TARGET_LOADER_VS_TRAINER = 20.0
 
 
-def _fastest_trainer(results_dir: Path = RESULTS_DIR) -> dict | None:
-    """The fastest midtrain row of the last trainer benchmark (the loader must outrun it by 20x), if one was run."""
-    path = results_dir / "trainer.json"
+def _fastest_trainer() -> dict | None:
+    """The fastest midtrain row of the last trainer benchmark in this run's --out-dir (the loader must outrun it by
+    20x), if one was run."""
+    path = OUT_DIR[0] / "trainer.json"
     if not path.is_file():
         return None
     rows = [r for r in json.loads(path.read_text())["rows"] if r["loop"] == "midtrain"]
@@ -104,7 +105,7 @@ def bench_data(quick: bool = False, repeats: int | None = None, log: Callable[[s
         loader_figure = {"figure": "loader / fastest midtrain trainer tokens/s", "target":
                          f">= {TARGET_LOADER_VS_TRAINER:g}", "value": loader_tps / fastest["tokens_per_s"],
                          "note": f"trainer: {fastest['model']} seq {fastest['seq_len']} {fastest['precision']}, "
-                                 f"{fastest['tokens_per_s']:,.0f} tokens/s (benchmarks/results/trainer.json)"}
+                                 f"{fastest['tokens_per_s']:,.0f} tokens/s ({OUT_DIR[0] / 'trainer.json'})"}
     return BenchResult(
         name="data",
         columns=["what", "MB/s", "tokens/s", "cpu_s"],
@@ -114,6 +115,6 @@ def bench_data(quick: bool = False, repeats: int | None = None, log: Callable[[s
                  {"figure": "decontam false-positive rate (stdlib vs HumanEval)", "value": fp, "target": "~0",
                   "note": ""}],
         notes=[f"{len(texts)} stdlib files ({mb:.1f} MB); {sum(hits)} flagged as HumanEval-contaminated",
-               "loader / trainer uses the fastest midtrain row of benchmarks/results/trainer.json (the suite runs "
+               "loader / trainer uses the fastest midtrain row of trainer.json in the --out-dir (the suite runs "
                "the trainer benchmark first)"],
     )
