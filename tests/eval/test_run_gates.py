@@ -70,12 +70,14 @@ def test_report_has_every_plot_and_the_gate_table(gated):
     result = midtrain("report", str(run_dir), cache=root / "cache")
     assert "report:" in result.stdout
     html, md = (run_dir / "report.html").read_text(), (run_dir / "report.md").read_text()
-    for png in ["loss.png", "lr_mixture.png", "ppl_length.png", "passkey.png", "niah_anneal.png", "tasks.png"]:
+    for png in ["loss.png", "lr_mixture.png", "throughput.png", "ppl_length.png", "passkey.png", "niah_anneal.png",
+                "tasks.png"]:
         path = run_dir / "plots" / png
         assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG", png
         assert f'src="plots/{png}"' in html and f"(plots/{png})" in md
     assert "| anneal | passkey@384 | >= 0.9 |" in md
     assert "| ppl.general |" in md  # the before/after table
+    assert "| stage | seq_len | tokens/s (median) | model TFLOP/s | MFU |" in md  # every stage's throughput
 
 
 def test_report_html_references_only_real_images(gated):

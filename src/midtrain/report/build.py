@@ -125,6 +125,8 @@ def write_report(run_dir: str | Path) -> Path:
     gns_series = {"run": rows, **{f"{d.parent.name} {d.name}": _rows(d) for d in _branch_dirs(run_dir, stages)}}
     doc.image(plots.gradient_noise_scale(gns_series, stages, plot_dir / "gns.png"), run_dir,
               "gradient noise scale B_simple over tokens")
+    doc.image(plots.throughput(rows, stages, plot_dir / "throughput.png"), run_dir, "tokens/s and MFU over tokens")
+    _throughput_table(doc, rows, stages)
 
     _faults_section(doc, rows)
 
@@ -177,6 +179,27 @@ def write_report(run_dir: str | Path) -> Path:
             f"</title><style>{_CSS}</style></head><body>" + "\n".join(doc.html) + _IMAGE_CHECK + "</body></html>\n")
     write_text_atomic(run_dir / "report.html", page)
     return run_dir / "report.html"
+
+
+def _throughput_table(doc: _Doc, rows: list[dict], stages: list[dict]) -> None:
+    """Median tokens/s, model TFLOP/s and MFU of each stage's steps (the first step of a stage, which pays for
+    warm-up, is left out when there are others)."""
+    table = []
+    for st in stages:
+        steps = [r for r in rows if r.get("event") == "train" and r.get("stage") == st["name"]]
+        steps = steps[1:] if len(steps) > 1 else steps
+        if not steps:
+            continue
+        mfu = _median(steps, "mfu")
+        table.append([st["name"], str(st["seq_len"]), f"{_median(steps, 'tokens_per_s'):,.0f}",
+                      _fmt(_median(steps, "model_tflops_per_s")), "–" if mfu is None else f"{mfu:.1%}"])
+    if table:
+        doc.table(["stage", "seq_len", "tokens/s (median)", "model TFLOP/s", "MFU"], table)
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = sorted(r[key] for r in rows if key in r)
+    return values[len(values) // 2] if values else None
 
 
 def _first_lr(rows: list[dict], stage: str) -> float | None:

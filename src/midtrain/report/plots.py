@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from midtrain.io import write_bytes_atomic  # noqa: E402
 
@@ -92,6 +93,28 @@ def lr_and_mixture(rows: Rows, stages: Sequence[dict], path: Path) -> Path | Non
     unique = dict(zip(labels, handles))
     if unique:
         bottom.legend(unique.values(), unique.keys(), fontsize=8, ncol=len(unique), loc="upper right")
+    return _save(fig, path)
+
+
+def throughput(rows: Rows, stages: Sequence[dict], path: Path) -> Path | None:
+    """Tokens/s of every step (top) and MFU where the run logged it (bottom), over global tokens."""
+    train = [r for r in rows if r.get("event") == "train" and "tokens_per_s" in r]
+    if not train:
+        return None
+    mfu = [(r["tokens"], r["mfu"]) for r in train if "mfu" in r]
+    fig, axes = plt.subplots(2 if mfu else 1, 1, figsize=(8, 4.8 if mfu else 3), sharex=True, squeeze=False)
+    top = axes[0][0]
+    top.plot([r["tokens"] for r in train], [r["tokens_per_s"] for r in train], color="tab:green", linewidth=0.9)
+    top.set_ylabel("tokens/s")
+    top.set_title("Throughput" + (" and model FLOPs utilisation" if mfu else ""))
+    _boundaries(top, stages)
+    if mfu:
+        bottom = axes[1][0]
+        bottom.plot(*zip(*mfu), color="tab:purple", linewidth=0.9)
+        bottom.set_ylabel("MFU")
+        bottom.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        bottom.set_ylim(bottom=0)
+    axes[-1][0].set_xlabel("tokens")
     return _save(fig, path)
 
 
