@@ -114,6 +114,8 @@ def throughput(rows: Rows, stages: Sequence[dict], path: Path) -> Path | None:
         bottom.set_ylabel("MFU")
         bottom.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
         bottom.set_ylim(bottom=0)
+        for st in stages:
+            bottom.axvline(st["first_tokens"], color="grey", linestyle="--", linewidth=0.8)
     axes[-1][0].set_xlabel("tokens")
     return _save(fig, path)
 
