@@ -207,17 +207,35 @@ def process_group():
     dist.destroy_process_group()
 
 
-def test_ddp_trains_and_fsdp_is_refused(process_group):
+def test_ddp_and_fsdp2_train_like_one_process(process_group):
+    """The head's gradient arrives outside the wrapper's forward: DDP still reduces it, and FSDP2 (whose root stays
+    gathered after forward) reduce-scatters it. World size 1 here; 2 ranks: tests/train/test_distributed.py."""
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     ref = _loss_and_grads(_model(), None)
     ddp = DistributedDataParallel(_model())
-    got = _loss_and_grads(ddp, 50)  # the head's gradient arrives outside DDP's forward: still reduced
+    got = _loss_and_grads(ddp, 50)
     for name in ref[3]:
         torch.testing.assert_close(got[3]["module." + name], ref[3][name], rtol=1e-5, atol=1e-7, msg=name)
-    with pytest.raises(ValueError, match="single-process and DDP"):
-        chunkable_head(fully_shard(_model()))
+    model = _model()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    got = _loss_and_grads(model, 50)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=0)
+    for name in ref[3]:
+        torch.testing.assert_close(got[3][name].full_tensor(), ref[3][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_head_still_sharded_after_forward_is_refused(process_group):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    fully_shard(model.lm_head, reshard_after_forward=True)  # its own unit: a shard again once its forward ends
+    fully_shard(model)
+    with pytest.raises(ValueError, match="still sharded after the model's forward"):
+        forward_packed(model, _batch(), loss_chunk_tokens=50)
 
 
 def test_recipe_key_is_validated():

@@ -257,6 +257,19 @@ def test_data_parallel_matches_single_process(ws: Workspace, mode: str):
         assert ta["loader"] == tb["loader"], "the loader state must not depend on the world size"
 
 
+def test_chunked_loss_under_fsdp2_matches_single_process(ws: Workspace):
+    """`loss_chunk_tokens` on 2 FSDP2 ranks: the head's gradient, computed outside the module's forward from the
+    gathered weight, is reduce-scattered like any other (train and held-out rows as one process without chunking)."""
+    run_dir = ws.root / "fsdp2-chunked"
+    proc = ws.run(run_dir, "fsdp2", "loss_chunk_tokens=100")
+    assert proc.returncode == 0, _explain(proc)
+    single = ws.full("none")
+    _assert_rows_close(_rows(single, "train"), _rows(run_dir, "train"), "fsdp2 chunked train")
+    _assert_rows_close(_rows(single, "val"), _rows(run_dir, "val"), "fsdp2 chunked val")
+    _assert_weights_close(single / "stages" / "s2" / "hf" / "model.safetensors",
+                          run_dir / "stages" / "s2" / "hf" / "model.safetensors")
+
+
 # --------------------------------------------------------------------------- 2. checkpoints move between world sizes
 
 

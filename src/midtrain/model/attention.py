@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from midtrain.model.head import HeadInputs, chunkable_head, hidden_states_only
+from midtrain.model.head import HeadInputs, chunkable_head, gathered_weight, hidden_states_only
 from midtrain.model.hf import unwrap_model
 
 # sdpa treats a bool mask as "True = attend". eager *adds* the mask to the scores, so a bool mask there adds 0/1
@@ -341,4 +341,4 @@ def forward_packed(
             use_cache=False,
             **kwargs,
         )
-    return out.logits if head is None else HeadInputs(out.logits, head.weight, loss_chunk_tokens)
+    return out.logits if head is None else HeadInputs(out.logits, gathered_weight(head), loss_chunk_tokens)

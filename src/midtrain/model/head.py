@@ -51,10 +51,18 @@ def chunkable_head(model: nn.Module) -> nn.Linear:
         kind = type(head).__name__ + (" with a bias" if isinstance(head, nn.Linear) else "")
         raise ValueError(f"loss_chunk_tokens needs a bias-free nn.Linear output head (get_output_embeddings() is "
                          f"{kind}); unset loss_chunk_tokens")
-    if _is_dtensor(head.weight):
-        raise ValueError("loss_chunk_tokens: the chunked loss supports single-process and DDP training for now, not "
-                         "FSDP (distributed: fsdp2); unset loss_chunk_tokens")
     return head
+
+
+def gathered_weight(head: nn.Linear) -> torch.Tensor:
+    """The head's weight as the model's forward left it. Under FSDP2 the root module (which holds the head in
+    midtrain's `distributed: fsdp2`) is not resharded after forward, so the weight is the all-gathered parameter whose
+    gradient FSDP reduce-scatters; a head sharded as its own unit would still be a shard here: refused."""
+    if _is_dtensor(head.weight):
+        raise ValueError("loss_chunk_tokens: the output head's weight is still sharded after the model's forward "
+                         "(an FSDP unit of its own, resharded after forward); shard the head with the root module "
+                         "or unset loss_chunk_tokens")
+    return head.weight
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
