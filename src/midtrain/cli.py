@@ -51,7 +51,8 @@ def escape(text: str) -> str:
 
 
 def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False, wandb: bool = False,
-         override_gates: tuple[str, ...] = (), fallback_checkpoint: bool = False):
+         override_gates: tuple[str, ...] = (), fallback_checkpoint: bool = False,
+         profile_steps: tuple[int, int] | None = None):
     from midtrain.data import DataError
     from midtrain.train import checkpoint
     from midtrain.train.preemption import EXIT_PREEMPTED, Preempted
@@ -63,7 +64,7 @@ def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False
     try:
         options = RunOptions(force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
                              console=console, override_gates=override_gates,
-                             fallback_checkpoint=fallback_checkpoint)
+                             fallback_checkpoint=fallback_checkpoint, profile_steps=profile_steps)
         return run(recipe, options)
     except GateFailed as exc:
         _fail(escape(str(exc)), EXIT_GATE)
@@ -94,11 +95,21 @@ def run(
         show_default=False)] = None,
     fallback_checkpoint: Annotated[bool, typer.Option(
         help="If the newest checkpoint fails its checksum, resume from the previous good one.")] = False,
+    profile_steps: Annotated[Optional[str], typer.Option(
+        help="Trace global steps A:B (or one step A) with torch.profiler into RUN/profile/ (Chrome trace + top ops).",
+        show_default=False)] = None,
 ) -> None:
     """Run a recipe, or resume it from its run directory's newest checkpoint. Exit 3: a stage failed its gate."""
+    from midtrain.train.profiling import parse_step_range
+
+    try:
+        steps = None if profile_steps is None else parse_step_range(profile_steps)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profile-steps") from None
     loaded = _load(recipe, set_)
     ctx = _run(loaded, force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
-               override_gates=tuple(override_gate or ()), fallback_checkpoint=fallback_checkpoint)
+               override_gates=tuple(override_gate or ()), fallback_checkpoint=fallback_checkpoint,
+               profile_steps=steps)
     if ctx.dist.is_main:
         _print_summary(ctx.run_dir, [s.name for s in ctx.plan.stages])
 

@@ -55,6 +55,7 @@ from midtrain.train.gns import GradientNoiseScale
 from midtrain.train.optim import build_optimizer
 from midtrain.train.precision import resolve_precision
 from midtrain.train.preemption import Preempted, PreemptionGuard, StopOnSignal
+from midtrain.train.profiling import StepProfiler
 from midtrain.train.rollback import DocumentLedger, Rollback, forced_skips_of
 from midtrain.train.runlock import RunLock
 from midtrain.train.trainer import Trainer, TrainerState
@@ -76,6 +77,7 @@ class RunOptions:
     progress: bool = True
     override_gates: tuple[str, ...] = ()  # stages whose failed gate is accepted (`--override-gate`)
     fallback_checkpoint: bool = False  # a corrupted newest checkpoint: resume from the previous good one
+    profile_steps: tuple[int, int] | None = None  # global steps A..B traced by torch.profiler into RUN/profile/
 
 
 @dataclass
@@ -489,6 +491,8 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
         callbacks.append(TensorBoardLogger(ctx.run_dir / "tensorboard", dist.is_main))
     if ctx.options.wandb:
         callbacks.append(WandbLogger(ctx.run_dir, dist.is_main, name=f"{ctx.run_dir.name}-{stage.name}"))
+    if ctx.options.profile_steps is not None:
+        callbacks.append(StepProfiler(*ctx.options.profile_steps, ctx.run_dir / "profile", dist.rank))
     trainer = Trainer(
         model=model, optimizer=optimizer, loader=ledger, stage=stage,
         forward=with_router_aux_loss(model, train_forward), dist=dist, domains=ctx.domains, precision=ctx.precision,
