@@ -243,9 +243,29 @@ def test_recipe_key_is_validated():
 
     recipe = {"base": "preset:tiny-llama", "stages": [{"name": "s", "tokens": 1024, "seq_len": 64,
                                                         "batch": {"tokens": 512}, "schedule": {"kind": "constant"}}]}
+    assert Recipe.model_validate(recipe).loss_chunk_tokens == "auto"
     assert Recipe.model_validate({**recipe, "loss_chunk_tokens": 2048}).loss_chunk_tokens == 2048
-    with pytest.raises(ValidationError, match="loss_chunk_tokens"):
-        Recipe.model_validate({**recipe, "loss_chunk_tokens": 0})
+    assert Recipe.model_validate({**recipe, "loss_chunk_tokens": None}).loss_chunk_tokens is None
+    for bad in (0, "some"):
+        with pytest.raises(ValidationError, match="loss_chunk_tokens"):
+            Recipe.model_validate({**recipe, "loss_chunk_tokens": bad})
+
+
+def test_auto_chunks_only_big_logits_of_heads_that_allow_it():
+    from midtrain.model.head import resolve_loss_chunk_tokens
+
+    small = _model()  # VOCAB-sized head: 1 GiB of fp32 logits takes 2^28 / VOCAB tokens
+    limit = (1 << 28) // VOCAB
+    assert resolve_loss_chunk_tokens("auto", small, limit) is None
+    assert resolve_loss_chunk_tokens("auto", small, limit + 1) == 4096  # 2^26 / VOCAB, capped at 4096
+    big = build_model(preset_config("tiny-llama", vocab_size=131072), seed=0)
+    assert resolve_loss_chunk_tokens("auto", big, 8192) == 512  # Llama 3's vocabulary: 4 GiB of logits at 8k
+    assert resolve_loss_chunk_tokens("auto", big, 2048) is None  # exactly 1 GiB: not above it
+    assert resolve_loss_chunk_tokens(None, big, 8192) is None and resolve_loss_chunk_tokens(64, small, 1) == 64
+    big.config.final_logit_softcapping = 30.0  # auto falls back to full logits; an explicit size is an error
+    assert resolve_loss_chunk_tokens("auto", big, 8192) is None
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        resolve_loss_chunk_tokens(512, big, 8192)
 
 
 # --------------------------------------------------------------------------- the trainer

@@ -371,8 +371,9 @@ class Recipe(_Strict):
     # recompute each decoder layer in backward: activation memory ~1/n_layers of the stored case for ~1.3x compute
     activation_checkpointing: bool = False
     # cross-entropy with the lm_head applied this many tokens at a time, never the full [tokens, vocab] fp32 logits:
-    # for large vocabularies (e.g. 128k) where logits and their gradient dominate memory; null = full logits
-    loss_chunk_tokens: int | None = Field(None, gt=0)
+    # for large vocabularies (e.g. 128k) where logits and their gradient dominate memory; null = full logits; auto =
+    # chunked where a micro-batch's fp32 logits would pass 1 GiB and the head allows it (midtrain.model.head)
+    loss_chunk_tokens: Annotated[int, Field(gt=0)] | Literal["auto"] | None = "auto"
     # flex_attention skips fully masked blocks of packed documents (GPU only: no CPU backward in torch 2.13).
     attention: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     sources: list[Source] = Field(default_factory=list)

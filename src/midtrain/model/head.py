@@ -65,6 +65,29 @@ def gathered_weight(head: nn.Linear) -> torch.Tensor:
     return head.weight
 
 
+AUTO_ABOVE_BYTES = 1 << 30  # `loss_chunk_tokens: auto` chunks where a micro-batch's fp32 logits would pass this
+AUTO_CHUNK_ELEMENTS = 1 << 26  # logits per chunk under auto (256 MiB fp32): 2048 tokens at 32k, 512 at 128k
+
+
+def resolve_loss_chunk_tokens(setting: int | str | None, model: nn.Module, batch_tokens: int) -> int | None:
+    """The recipe's `loss_chunk_tokens` for batches of `batch_tokens` tokens: an int is used as given (an
+    unsupported head is an error), null means full logits, "auto" chunks where the full fp32 logits would pass
+    1 GiB and the head allows it (else full logits, as before)."""
+    if setting != "auto":
+        if setting is not None:
+            chunkable_head(model)  # refuses an unsupported head before any step
+        return setting
+    head = unwrap_model(model).get_output_embeddings()
+    vocab = getattr(getattr(head, "weight", None), "shape", (0,))[0]
+    if batch_tokens * vocab * 4 <= AUTO_ABOVE_BYTES:
+        return None
+    try:
+        chunkable_head(model)
+    except ValueError:  # softcapped, scaled or biased head: the full logits it is
+        return None
+    return min(4096, max(256, AUTO_CHUNK_ELEMENTS // vocab))
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor

@@ -34,7 +34,7 @@ from midtrain.model import (
     unwrap_model,
 )
 from midtrain.model.convert import with_router_aux_loss
-from midtrain.model.head import chunkable_head
+from midtrain.model.head import resolve_loss_chunk_tokens
 from midtrain.plan import Plan, StagePlan, build_plan
 from midtrain.train import checkpoint as ckpt
 from midtrain.train import stage_eval
@@ -464,9 +464,10 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
                              extra_tensors={AVERAGE_FILE: averager.tensors()} if averager and averager.count else None)
 
     train_forward = forward_packed
-    if recipe.loss_chunk_tokens is not None:  # chunked head + loss, in validation too; refuses unsupported heads now
-        chunkable_head(model)
-        train_forward = functools.partial(forward_packed, loss_chunk_tokens=recipe.loss_chunk_tokens)
+    # chunked head + loss (validation too) where the recipe asks or, under auto, where a micro-batch's logits are big
+    chunk = resolve_loss_chunk_tokens(recipe.loss_chunk_tokens, model, loader.micro_batch * stage.seq_len)
+    if chunk is not None:
+        train_forward = functools.partial(forward_packed, loss_chunk_tokens=chunk)
 
     def validate(trainer: Trainer) -> None:
         metrics = heldout_metrics(model, train_forward, heldout, ctx.domains, device=dist.device,

@@ -17,6 +17,7 @@ from midtrain.eval.heldout import heldout_metrics
 from midtrain.eval.suite import EvalSpec, evaluate
 from midtrain.io import write_json_atomic
 from midtrain.model import forward_packed, load_model
+from midtrain.model.head import resolve_loss_chunk_tokens
 from midtrain.train.distributed import barrier
 
 EXIT_GATE = 3  # `midtrain run` exit code when a stage fails its gate (docs/CONTRACTS.md §4.1)
@@ -53,8 +54,10 @@ def evaluate_stage(ctx, stage, model, batches, when: str, step: int, tokens: int
     metrics: dict[str, float] = {}
     if "loss" in spec.tasks and batches:
         forward = forward_packed
-        if ctx.recipe.loss_chunk_tokens is not None:  # the head a chunk of rows at a time, as in training
-            forward = functools.partial(forward_packed, loss_chunk_tokens=ctx.recipe.loss_chunk_tokens)
+        tokens = max(b["input_ids"].numel() for b in batches)
+        chunk = resolve_loss_chunk_tokens(ctx.recipe.loss_chunk_tokens, model, tokens)
+        if chunk is not None:  # the head a chunk of rows at a time, as in training
+            forward = functools.partial(forward_packed, loss_chunk_tokens=chunk)
         metrics = heldout_metrics(model, forward, batches, ctx.domains, device=ctx.dist.device,
                                   precision=ctx.precision)
     if not ctx.dist.is_main:
