@@ -61,6 +61,9 @@ def test_losses_fall_and_eval_files_follow_the_schema(finished_run):
     after = json.loads((run_dir / "eval/anneal.json").read_text())
     assert before["when"] == "before" and after["when"] == "after"
     assert before["step"] == 8 and after["step"] == 12
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tokens_at = {r["step"]: r["tokens"] for r in rows if r["event"] == "train"}
+    assert before["tokens"] == tokens_at[8] and after["tokens"] == tokens_at[12]  # the run's, not a batch's
     assert set(after["metrics"]) >= {"loss", "ppl", "loss.general", "ppl.general", "loss.math", "ppl.math"}
     warm_before = json.loads((run_dir / "eval/warm-before.json").read_text())["metrics"]
     assert after["metrics"]["loss"] < warm_before["loss"]

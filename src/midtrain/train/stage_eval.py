@@ -54,8 +54,8 @@ def evaluate_stage(ctx, stage, model, batches, when: str, step: int, tokens: int
     metrics: dict[str, float] = {}
     if "loss" in spec.tasks and batches:
         forward = forward_packed
-        tokens = max(b["input_ids"].numel() for b in batches)
-        chunk = resolve_loss_chunk_tokens(ctx.recipe.loss_chunk_tokens, model, tokens)
+        batch_tokens = max(b["input_ids"].numel() for b in batches)
+        chunk = resolve_loss_chunk_tokens(ctx.recipe.loss_chunk_tokens, model, batch_tokens)
         if chunk is not None:  # the head a chunk of rows at a time, as in training
             forward = functools.partial(forward_packed, loss_chunk_tokens=chunk)
         metrics = heldout_metrics(model, forward, batches, ctx.domains, device=ctx.dist.device,
