@@ -45,11 +45,12 @@ def test_chunked_head_gives_the_same_perplexity(monkeypatch):
     model = build_model(preset_config("tiny-llama", vocab_size=512), seed=0)
     docs = [torch.randint(0, 512, (200,)).tolist() for _ in range(3)]
     full = perplexity_at_length(model, docs, 64, batch_size=4, score_from=8)
+    from midtrain.train import loss
+
     calls = []
-    real = perplexity.linear_cross_entropy
-    monkeypatch.setattr(perplexity, "linear_cross_entropy", lambda *a: calls.append(a[3]) or real(*a))
-    monkeypatch.setattr(perplexity, "CHUNK_ABOVE_LOGITS", 1000)
-    monkeypatch.setattr(perplexity, "CHUNK_TOKENS", 50)
+    real = loss.linear_cross_entropy
+    monkeypatch.setattr(loss, "linear_cross_entropy", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(perplexity, "resolve_loss_chunk_tokens", lambda setting, model, tokens: 50)  # as if large
     chunked = perplexity_at_length(model, docs, 64, batch_size=4, score_from=8)
     assert calls and calls[0] == 50  # the chunked path ran
     assert chunked["tokens"] == full["tokens"]

@@ -13,35 +13,23 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from midtrain.model.head import chunkable_head, hidden_states_only
-from midtrain.train.linear_loss import linear_cross_entropy
-
-# Above this many fp32 logits per batch (1 GiB) the head is applied a chunk of rows at a time: 4 windows of 32k
-# tokens at a 128k vocabulary would be 64 GiB of logits, for a sum that needs none of them at once.
-CHUNK_ABOVE_LOGITS = 1 << 28
-CHUNK_TOKENS = 4096
+from midtrain.model.attention import forward_packed
+from midtrain.model.head import resolve_loss_chunk_tokens
+from midtrain.train.loss import IGNORE, token_loss_sums
 
 
 def _loss_sum(model: nn.Module, ids: torch.Tensor, score_from: int) -> float:
-    """Summed next-token loss of positions >= score_from of `ids` [B, T] (one document per row)."""
-    targets = ids[:, score_from + 1 :]
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
-    head = None
-    if ids.numel() * vocab > CHUNK_ABOVE_LOGITS:
-        try:
-            head = chunkable_head(model)
-        except ValueError:  # softcapped, biased or sharded head: the full logits it is
-            head = None
-    if head is None:
-        logits = model(input_ids=ids, use_cache=False).logits[:, score_from:-1].float()
-        return float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"))
-    with hidden_states_only(head):
-        hidden = model(input_ids=ids, use_cache=False).logits[:, score_from:-1]
-    total, _ = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head.weight, targets.reshape(-1),
-                                    CHUNK_TOKENS)
+    """Summed next-token loss of positions >= score_from of `ids` [B, T] (one document per row). Large batches x
+    vocabularies apply the head a chunk of rows at a time (`loss_chunk_tokens: auto`): 4 windows of 32k tokens at a
+    128k vocabulary would otherwise be 64 GiB of fp32 logits."""
+    length = ids.shape[1]
+    positions = torch.arange(length, device=ids.device).expand_as(ids)
+    labels = ids.masked_fill(positions <= score_from, IGNORE)  # position t predicts t + 1: targets from score_from + 1
+    chunk = resolve_loss_chunk_tokens("auto", model, ids.numel())
+    out = forward_packed(model, {"input_ids": ids, "position_ids": positions}, loss_chunk_tokens=chunk)
+    total, _, _ = token_loss_sums(out, labels, torch.zeros_like(ids), 1)
     return float(total)
 
 

@@ -78,7 +78,7 @@ def resolve_loss_chunk_tokens(setting: int | str | None, model: nn.Module, batch
             chunkable_head(model)  # refuses an unsupported head before any step
         return setting
     head = unwrap_model(model).get_output_embeddings()
-    vocab = getattr(getattr(head, "weight", None), "shape", (0,))[0]
+    vocab = head.weight.shape[0] if isinstance(head, nn.Linear) else 0  # any other head: full logits
     if batch_tokens * vocab * 4 <= AUTO_ABOVE_BYTES:
         return None
     try:
