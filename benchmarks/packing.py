@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import BenchResult, interleaved, register
-from benchmarks.trainer import VOCAB, make_loader, make_source, make_stage
+from benchmarks.trainer import make_loader, make_source, midtrain_step
 
 PRESET = "small-llama"
 
@@ -57,14 +57,8 @@ def _useful(batches: list[dict[str, torch.Tensor]]) -> int:
 
 
 def _trainer_step(loader, seq_len: int, batch_tokens: int) -> Callable[[], int]:
-    """A `Trainer.train_step` on `loader`'s batches; returns the step's useful tokens."""
-    from midtrain.model import build_model, forward_packed, preset_config
-    from midtrain.train.distributed import DistInfo
-    from midtrain.train.optim import build_optimizer
-    from midtrain.train.trainer import Trainer
-
-    recipe, stage = make_stage(seq_len, batch_tokens)
-    model = build_model(preset_config(PRESET, vocab_size=VOCAB), seed=0)
+    """A `Trainer.train_step` (the trainer benchmark's, fp32) on `loader`'s batches; returns the step's useful
+    tokens."""
     useful: list[int] = []
 
     class Counting:  # records what the trainer consumed, without touching the batches
@@ -73,12 +67,10 @@ def _trainer_step(loader, seq_len: int, batch_tokens: int) -> Callable[[], int]:
             useful.append(_useful(batches))
             return batches
 
-    trainer = Trainer(model=model, optimizer=build_optimizer(model, recipe.stages[0].optimizer, lr=1e-3),
-                      loader=Counting(), stage=stage, forward=forward_packed, dist=DistInfo(), domains=["bench"],
-                      precision="fp32", grad_clip=1.0, callbacks=[])
+    train_step = midtrain_step(PRESET, seq_len, batch_tokens, "fp32", source=None, loader=Counting())
 
     def step() -> int:
-        trainer.train_step()
+        train_step()
         return useful[-1]
 
     return step

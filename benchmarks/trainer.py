@@ -107,11 +107,13 @@ def make_stage(seq_len: int, batch_tokens: int, steps: int = 1000):
 def midtrain_step(
     preset: str, seq_len: int, batch_tokens: int, precision: str, source, reference: bool = False,
     compiled: bool = False, checkpointing: bool = False, loss_chunk_tokens: int | None = None, vocab: int = VOCAB,
+    loader=None,
 ) -> Callable[[], dict]:
     """One `Trainer.train_step()` of midtrain's real trainer, exactly as `midtrain run` builds it (no callbacks).
     `reference`: dense-mask attention and F.cross_entropy instead (the pre-optimisation step, same results).
     `compiled`: the model wrapped in `torch.compile` after the optimizer is built, as recipe `compile: true` does.
-    `checkpointing`, `loss_chunk_tokens`: the recipe keys `activation_checkpointing` and `loss_chunk_tokens`."""
+    `checkpointing`, `loss_chunk_tokens`: the recipe keys `activation_checkpointing` and `loss_chunk_tokens`.
+    `loader`: another batch source (anything with `next_step()`) instead of the packed loader over `source`."""
     import functools
 
     from midtrain.model import build_model, forward_packed, preset_config
@@ -134,7 +136,7 @@ def midtrain_step(
     trainer = Trainer(
         model=model,
         optimizer=optimizer,
-        loader=make_loader(source, seq_len, batch_tokens),
+        loader=loader if loader is not None else make_loader(source, seq_len, batch_tokens),
         stage=stage,
         forward=forward,
         dist=DistInfo(),
