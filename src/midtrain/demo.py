@@ -255,9 +255,10 @@ def install_base(export: Path, metrics: dict, dest: Path = DEMO_BASE) -> Path:
     `dest` (replaced whole, never half-written) with a `provenance.json` saying how it was made and what it scored."""
     import shutil
 
+    from midtrain.io import temp_path
     from midtrain.train.run import PROBE_FILE
 
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp = temp_path(dest)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for item in export.iterdir():

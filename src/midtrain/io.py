@@ -41,12 +41,12 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def _temp_name(path: Path) -> Path:
+def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = _temp_name(path)
+    tmp = temp_path(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from midtrain.io import _temp_name, fsync_dir, write_text_atomic
+from midtrain.io import fsync_dir, temp_path, write_text_atomic
 from midtrain.train.trainer import Callback, Trainer
 
 
@@ -69,7 +69,7 @@ class StepProfiler(Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stem = self.out_dir / f"rank{self.rank}-steps{self.started_at}-{last_step}"
         trace = stem.with_suffix(".json")
-        tmp = _temp_name(trace)
+        tmp = temp_path(trace)
         prof.export_chrome_trace(str(tmp))
         os.replace(tmp, trace)
         fsync_dir(self.out_dir)
