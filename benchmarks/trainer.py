@@ -21,6 +21,7 @@ the fp32 rows, only with each other.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,7 +115,6 @@ def midtrain_step(
     `compiled`: the model wrapped in `torch.compile` after the optimizer is built, as recipe `compile: true` does.
     `checkpointing`, `loss_chunk_tokens`: the recipe keys `activation_checkpointing` and `loss_chunk_tokens`.
     `loader`: another batch source (anything with `next_step()`) instead of the packed loader over `source`."""
-    import functools
 
     from midtrain.model import build_model, forward_packed, preset_config
     from midtrain.train.distributed import DistInfo
@@ -212,6 +212,7 @@ def run_group(preset, seq_len, batch_tokens, specs, source, warmup, repeats, log
     return interleaved(steps, warmup=warmup, repeats=repeats, log=log)
 
 
+@functools.cache  # one meta-device model per (preset, seq_len), not one per table row
 def _flops_per_token(preset: str, seq_len: int) -> int:
     from midtrain.model import preset_config
     from midtrain.train.flops import training_flops_per_token
