@@ -18,7 +18,7 @@ def _paths(n: int, d: int, vocab: int, chunks: tuple[int, ...]) -> dict[str, Cal
     import torch.nn.functional as F
 
     from midtrain.model.head import HeadInputs
-    from midtrain.train.loss import token_loss_sums
+    from midtrain.model.loss import token_loss_sums
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, n, d, generator=gen).requires_grad_(True)

@@ -6,7 +6,7 @@ import torch
 from benchmarks.packing import PaddedLoader, _useful
 from benchmarks.trainer import make_source
 from midtrain.model import build_model, forward_packed, preset_config
-from midtrain.train.loss import token_loss_sums
+from midtrain.model.loss import token_loss_sums
 
 
 def test_padded_batches_give_each_documents_own_loss():

@@ -35,7 +35,7 @@ from midtrain.eval.tasks.base import TokenCounter, mean_by_metric, score  # noqa
 from midtrain.eval.tasks.haystack import NOISE, build_context  # noqa: E402
 from midtrain.eval.tasks.retrieval import PASSKEY_NEEDLE, PASSKEY_QUESTION, passkey_samples  # noqa: E402
 from midtrain.model import build_model, forward_packed, load_tokenizer, preset_config  # noqa: E402
-from midtrain.train.loss import token_loss_sums  # noqa: E402
+from midtrain.model.loss import token_loss_sums  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 L0, TARGET = 128, 512

@@ -10,8 +10,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-from midtrain.config import Recipe, Stage
-from midtrain.schedule import LRSchedule
+from midtrain.config import Recipe, Stage, recipe_warnings
+from midtrain.schedule import LRSchedule, horizon_tokens_for
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def build_plan(recipe: Recipe) -> Plan:
         schedule = LRSchedule(
             kind=s.kind,
             peak_lr=float(peak),
-            horizon_tokens=(steps - 1) * stage.batch.tokens,
+            horizon_tokens=horizon_tokens_for(steps, stage.batch.tokens),
             start_lr=float(start_lr) if (start_lr is not None and s.warmup_tokens > 0) else 0.0,
             min_lr=s.min_lr,
             warmup_tokens=s.warmup_tokens,
@@ -142,7 +142,5 @@ def build_plan(recipe: Recipe) -> Plan:
         )
         step += steps
         tokens += steps * stage.batch.tokens
-    from midtrain.context import stage_rope_issues
-
-    warnings += stage_rope_issues(recipe.stages)[1]
+    warnings += recipe_warnings(recipe)
     return Plan(stages=stages, warnings=warnings)

@@ -1,4 +1,4 @@
-"""recipes/ladder.yaml, shrunk to a few steps per stage, end to end through `midtrain.train.run.run`.
+"""recipes/ladder.yaml, shrunk to a few steps per stage, end to end through `midtrain.run.driver.run`.
 
 Checks per stage: the HF export carries the stage's own RoPE (rope_parameters, max_position_embeddings, and the
 rotary frequencies plain transformers rebuilds from them), and stage k+1 starts from stage k's export with stage
@@ -18,7 +18,7 @@ from midtrain.config import load_recipe
 from midtrain.context import RotarySpec, apply_rope, compute
 from midtrain.eval.heldout import heldout_metrics, pack_documents
 from midtrain.model import forward_packed, load_model
-from midtrain.train.run import RunOptions, run
+from midtrain.run import RunOptions, run
 
 LADDER = Path(__file__).resolve().parents[2] / "recipes" / "ladder.yaml"
 # (seq_len, batch tokens, tokens) per stage: 2-3 optimizer steps each.

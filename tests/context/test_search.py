@@ -26,11 +26,11 @@ from midtrain.context.search import (
     crossover,
     initial_factors,
     is_monotone,
-    load_long_documents,
     longrope_search,
     mutate,
 )
 from midtrain.data import byte_tokenizer
+from midtrain.data.sources import long_documents
 from midtrain.eval.perplexity import perplexity_at_length
 from midtrain.model import build_model, preset_config, save_hf_checkpoint
 
@@ -118,7 +118,7 @@ def trained(tmp_path_factory):
     save_hf_checkpoint(model, tok, root / "ckpt")
     heldout = root / "heldout.jsonl"
     heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in _text_documents(1, 8, 2 * TARGET)))
-    docs = load_long_documents(heldout, tok, TARGET)
+    docs = long_documents(heldout, tok, TARGET)
     return {"root": root, "model": model, "docs": docs, "ckpt": root / "ckpt", "heldout": heldout}
 
 

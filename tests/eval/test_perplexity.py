@@ -45,7 +45,7 @@ def test_chunked_head_gives_the_same_perplexity(monkeypatch):
     model = build_model(preset_config("tiny-llama", vocab_size=512), seed=0)
     docs = [torch.randint(0, 512, (200,)).tolist() for _ in range(3)]
     full = perplexity_at_length(model, docs, 64, batch_size=4, score_from=8)
-    from midtrain.train import loss
+    from midtrain.model import loss
 
     calls = []
     real = loss.linear_cross_entropy

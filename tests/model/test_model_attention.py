@@ -179,7 +179,7 @@ def test_flex_block_mask_has_the_document_causal_pattern():
 
 def test_flex_attention_on_cpu_is_refused_at_launch(tmp_path):
     from midtrain.config import load_recipe
-    from midtrain.train.run import RunError, run
+    from midtrain.run import RunError, run
     from tests.train.tiny import write_recipe
 
     recipe = load_recipe(write_recipe(tmp_path), ["attention=flex_attention", f"run_dir={tmp_path / 'run'}"])

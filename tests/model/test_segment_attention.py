@@ -99,9 +99,10 @@ def test_segment_attention_equals_masked_sdpa_forward_and_backward(seed, quantum
 
 
 def test_transformers_sdpa_is_wrapped_and_unchanged_without_segments():
+    attn.install_document_attention()  # explicit since importing midtrain.model registers nothing
     fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
     assert fn.__name__ == "sdpa_with_document_segments" and fn.__wrapped__ is sdpa_attention_forward
-    attn._install()  # idempotent: never wraps the wrapper
+    attn.install_document_attention()  # idempotent: never wraps the wrapper
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is fn
 
 

@@ -8,8 +8,8 @@ import torch
 
 from midtrain.config import load_recipe
 from midtrain.model import build_model, forward_packed, preset_config
-from midtrain.train.loss import token_loss_sums
-from midtrain.train.run import RunOptions, run
+from midtrain.model.loss import token_loss_sums
+from midtrain.run import RunOptions, run
 
 from .tiny import train_rows, write_recipe
 

@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from midtrain.model import build_model, forward_packed, preset_config
 from midtrain.model.head import HeadInputs, chunkable_head, hidden_states_only
-from midtrain.train.linear_loss import linear_cross_entropy
-from midtrain.train.loss import IGNORE, token_loss_sums
+from midtrain.model.loss import linear_cross_entropy
+from midtrain.model.loss import IGNORE, token_loss_sums
 
 VOCAB = 300  # unlike every other dimension of tiny-llama, so a saved [.., V] tensor is recognisable
 
@@ -324,7 +324,7 @@ def test_trainer_steps_match_the_default_path():
 def test_recipe_option_keeps_per_step_losses(tmp_path, monkeypatch):
     """`midtrain run` with loss_chunk_tokens: the two-stage tiny recipe trains as without it (losses to 1e-5)."""
     from midtrain.config import load_recipe
-    from midtrain.train.run import RunOptions, run
+    from midtrain.run import RunOptions, run
 
     from .tiny import train_rows, write_recipe
 

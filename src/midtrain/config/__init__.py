@@ -14,10 +14,11 @@ from midtrain.config.recipe import (
     Stage,
     parse_tokens,
     recipe_problems,
+    recipe_warnings,
 )
 
 __all__ = [
     "BatchConfig", "CheckpointConfig", "ConvertConfig", "DataConfig", "EvalConfig", "OptimizerConfig",
     "Recipe", "RecipeError", "ScheduleConfig", "Source", "Stage", "apply_overrides", "dump_recipe", "load_recipe",
-    "parse_tokens", "recipe_problems",
+    "parse_tokens", "recipe_problems", "recipe_warnings",
 ]

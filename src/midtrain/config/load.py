@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from midtrain.config.base_ref import BaseRef
 from midtrain.config.recipe import NAME_RE, Recipe, recipe_problems
 
 Loc = tuple[str | int, ...]
@@ -229,6 +230,14 @@ def _format(file: Path, lines: dict[Loc, int], overridden: list[Loc], data: Any,
     return f"{where}: {_display_path(loc, data)}: {msg}"
 
 
+def _error_problems(error: dict, loc: Loc) -> list[tuple[Loc, str]]:
+    """(field path, message) of one pydantic error; a field parsed by its own parser (type "issues", e.g. a stage's
+    `rope`) reports several problems below the field, each with its own path."""
+    if error["type"] == "issues":
+        return [((*loc, *path), msg) for path, msg in error["ctx"]["issues"]]
+    return [(loc, _pydantic_message(error, loc))]
+
+
 def _pydantic_message(error: dict, loc: Loc) -> str:
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
@@ -261,7 +270,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_p
         problems = []
         for error in exc.errors():
             loc = _data_loc(tuple(error["loc"]), data)
-            problems.append(_format(file, lines, overridden, data, loc, _pydantic_message(error, loc)))
+            for where, msg in _error_problems(error, loc):
+                problems.append(_format(file, lines, overridden, data, where, msg))
         raise RecipeError(problems) from None
     recipe = _resolve_paths(recipe, file.parent)
     recipe, lr_problems = _resolve_start_lr_from_base(recipe)
@@ -278,7 +288,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_p
 
 
 def _is_local(ref: str) -> bool:
-    return not (ref.startswith("preset:") or ref.startswith("hub:") or ref == "bytes")
+    return ref != "bytes" and BaseRef.parse(ref).kind == "path"  # "bytes": the built-in byte tokenizer
 
 
 def _resolve_paths(recipe: Recipe, root: Path) -> Recipe:

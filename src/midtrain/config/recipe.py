@@ -1,6 +1,7 @@
 """Recipe schema: pydantic models for everything a recipe YAML may say (docs/CONTRACTS.md §1).
 
-No torch here: a recipe must be checkable on a machine without the training stack.
+No torch here: a recipe must be checkable on a machine without the training stack. The RoPE setting and the
+eval vocabulary come from torch-free modules (`midtrain.context.setting`/`checks`, `midtrain.eval.gates`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,22 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from midtrain.config.base_ref import BaseRef
+from midtrain.context.checks import stage_rope_issues
+from midtrain.context.setting import RopeSetting, RopeSettingError, parse_rope
+from midtrain.eval.gates import stage_eval_problems
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SUFFIX = {"k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "b": 1e9, "B": 1e9, "t": 1e12, "T": 1e12}
@@ -79,6 +95,15 @@ class Source(_Strict):
     template: Literal["auto", "chat", "simple"] = "auto"
     max_epochs: float | None = Field(None, gt=0)  # epoch cap: plan/inspect warn when a stage needs more
     decontaminate: bool = True  # apply the recipe's `decontaminate` block to this source (when there is one)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain_is_a_key_part(cls, domain: str | None) -> str | None:
+        # it names metrics (loss.<domain>, midtrain.eval.keys): an '@' would read as a length there
+        if domain is not None and (not domain or "@" in domain):
+            raise ValueError(f"a domain names metrics (loss.<domain>): it must be non-empty, without '@' "
+                             f"(got {domain!r})")
+        return domain
 
     @property
     def domain_name(self) -> str:
@@ -323,6 +348,26 @@ class ConvertConfig(_Strict):
         return self
 
 
+def _parse_rope_field(value: Any) -> RopeSetting | None:
+    """A stage's `rope:` parsed once, at load. Problems travel as one error of type "issues" whose context lists
+    (path below the field, message); the loader reports each against its key (`stages.NAME.rope.KEY`)."""
+    try:
+        return parse_rope(value, ())
+    except RopeSettingError as e:
+        raise PydanticCustomError(
+            "issues", "{summary}", {"summary": str(e), "issues": [(i.path, i.message) for i in e.issues]}
+        ) from None
+
+
+# Parsed to a RopeSetting (typed method, parameters and traits); dumped as written, so recipe.yaml and fingerprints
+# stay what the recipe said.
+RopeField = Annotated[
+    RopeSetting | None,
+    PlainValidator(_parse_rope_field, json_schema_input_type=dict[str, Any] | None),
+    PlainSerializer(lambda setting: None if setting is None else setting.to_dict()),
+]
+
+
 class Stage(_Strict):
     name: Name
     tokens: Tokens = Field(gt=0)
@@ -335,7 +380,7 @@ class Stage(_Strict):
     # resolved to a number when the recipe is loaded, so the plan stays a pure function of the loaded recipe
     start_lr: float | Literal["from_previous", "from_base"] | None = None
     data: DataConfig = DataConfig()
-    rope: dict[str, Any] | None = None
+    rope: RopeField = None
     eval: EvalConfig = EvalConfig()
     gate: dict[str, str] = Field(default_factory=dict)
     # Architecture conversion of the stage's start model before it trains (docs/CONVERSION.md).
@@ -394,8 +439,13 @@ class Recipe(_Strict):
         return value
 
     @property
+    def base_ref(self) -> BaseRef:
+        """`base:` parsed: a local directory, `preset:NAME` or `hub:ID`."""
+        return BaseRef.parse(self.base)
+
+    @property
     def is_preset_base(self) -> bool:
-        return self.base.startswith("preset:")
+        return self.base_ref.is_preset
 
     def stage_init(self, index: int) -> str:
         """The init policy of stage `index`, with defaults resolved."""
@@ -504,9 +554,7 @@ def recipe_problems(recipe: Recipe) -> list[Problem]:
             problems.append(
                 ((*at, "schedule", "warmup_tokens"), f"must be below the stage's tokens ({stage.tokens})")
             )
-    from midtrain.context import stage_rope_issues  # the model-independent checks; run() adds the base's spec
-
-    problems += stage_rope_issues(recipe.stages)[0]
+    problems += stage_rope_issues(recipe.stages)[0]  # without the base; the run adds the base's rotary spec
     problems += _averaging_problems(recipe)
     first = recipe.stages[0]
     if first.start_lr == "from_previous":
@@ -525,10 +573,13 @@ def recipe_problems(recipe: Recipe) -> list[Problem]:
         )
     if recipe.is_preset_base and first.init == "weights":
         problems.append((("stages", 0, "init"), f"base {recipe.base!r} is a preset without weights: use scratch"))
-    from midtrain.eval.gates import stage_eval_problems  # tasks, lengths and gate conditions (no torch)
-
-    problems += stage_eval_problems(recipe)
+    problems += stage_eval_problems(recipe)  # tasks, lengths and gate conditions
     return problems
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """What a valid recipe does that is probably not meant (RoPE factor vs seq_len, ...), one line each."""
+    return stage_rope_issues(recipe.stages)[1]
 
 
 def _averaging_problems(recipe: Recipe) -> list[Problem]:

@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from midtrain.context.apply import apply_rope, base_spec
-from midtrain.context.rope import RotarySpec, longrope_initial_factors
+from midtrain.context.apply import apply_rope
+from midtrain.context.methods import RotarySpec, base_spec
+from midtrain.context.rope import longrope_initial_factors
+from midtrain.context.setting import RopeSetting, parse_rope
 from midtrain.eval.perplexity import perplexity_at_length
 from midtrain.io import write_json_atomic, write_text_atomic
 
@@ -140,15 +142,18 @@ def _key(factors: Sequence[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- fitness
-def longrope_setting(factors: Sequence[float], cfg: SearchConfig) -> dict[str, Any]:
-    """The recipe-form rope setting of a candidate (short factors 1: inputs up to L0 keep their frequencies)."""
-    return {
+def longrope_setting(factors: Sequence[float], cfg: SearchConfig) -> RopeSetting:
+    """The rope setting of a candidate (short factors 1: inputs up to L0 keep their frequencies), parsed like a
+    recipe's; its mapping is the recipe form (`rope.yaml` writes the same keys)."""
+    setting = parse_rope({
         "method": "longrope",
         "original_max_position_embeddings": cfg.original,
         "factor": cfg.factor,
         "short_factor": [1.0] * len(factors),
         "long_factor": [float(x) for x in factors],
-    }
+    })
+    assert setting is not None
+    return setting
 
 
 def fitness(model: torch.nn.Module, documents: Sequence[np.ndarray], factors: Sequence[float],
@@ -329,26 +334,3 @@ def _write_outputs(out_dir: Path, state: dict[str, Any], cfg: SearchConfig) -> N
 
 
 # ------------------------------------------------------------------------------------------------------ data
-def load_long_documents(path: Path, tokenizer: Any, min_tokens: int, *, text_field: str = "text",
-                        max_documents: int = 64) -> list[np.ndarray]:
-    """Token ids of up to `max_documents` documents of at least `min_tokens` tokens (in file order).
-
-    Raises DataError for unreadable input and SearchError when no document is long enough.
-    """
-    from midtrain.data import iter_documents
-
-    docs, longest, seen = [], 0, 0
-    for doc in iter_documents(Path(path), text_field):
-        seen += 1
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
-        longest = max(longest, len(ids))
-        if len(ids) >= min_tokens:
-            docs.append(np.asarray(ids, dtype=np.int64))
-            if len(docs) == max_documents:
-                break
-    if not docs:
-        raise SearchError(
-            f"{path}: no document has {min_tokens} tokens (read {seen} documents, longest {longest} tokens); "
-            "the search scores windows of exactly --target-length tokens"
-        )
-    return docs

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import orjson
 
 from midtrain.data.errors import DataError
@@ -298,3 +299,27 @@ def iter_documents(path: PathLike, text_field: str = "text", skips: SkipReport |
                 yield Document(text, loc, record if keep_record else None)
 
     return gen()
+
+
+def long_documents(path: Path, tokenizer: Any, min_tokens: int, *, text_field: str = "text",
+                   max_documents: int = 64) -> list[np.ndarray]:
+    """Token ids of up to `max_documents` documents of at least `min_tokens` tokens (in file order).
+
+    Raises DataError for unreadable input and when no document is long enough (e.g. for LongRoPE's search, which
+    scores windows of exactly `min_tokens` tokens).
+    """
+    docs, longest, seen = [], 0, 0
+    for doc in iter_documents(Path(path), text_field):
+        seen += 1
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        longest = max(longest, len(ids))
+        if len(ids) >= min_tokens:
+            docs.append(np.asarray(ids, dtype=np.int64))
+            if len(docs) == max_documents:
+                break
+    if not docs:
+        raise DataError(
+            f"{path}: no document has {min_tokens} tokens (read {seen} documents, longest {longest} tokens); "
+            "LongRoPE's search scores windows of exactly --target-length tokens"
+        )
+    return docs

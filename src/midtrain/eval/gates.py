@@ -18,6 +18,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from midtrain.eval.keys import DOMAIN_TASKS, HARNESS, MetricKey
+
 # Tasks a stage's `eval.tasks` may list (harness tasks are written `harness:<lm-eval task>`).
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 LENGTH_TASKS = ("ppl", "passkey", "niah", "ruler", *(f"ruler.{t}" for t in RULER_TASKS))  # need eval.lengths
@@ -41,43 +43,48 @@ def task_problem(task: str) -> str | None:
 
 def ruler_tasks_of(tasks: Sequence[str]) -> list[str]:
     """The RULER sub-tasks a task list asks for (`ruler` = all of them), in canonical order."""
-    wanted = set(RULER_TASKS) if "ruler" in tasks else {t.split(".", 1)[1] for t in tasks if t.startswith("ruler.")}
+    keys = [k for k in map(MetricKey.try_parse, tasks)
+            if k is not None and k.family == "ruler" and k.length is None and k.domain is None]
+    wanted = set(RULER_TASKS) if any(k.variant is None for k in keys) else {k.variant for k in keys}
     return [t for t in RULER_TASKS if t in wanted]
 
 
 def metric_problem(metric: str, tasks: Sequence[str], lengths: Sequence[int], domains: Sequence[str]) -> str | None:
     """Why `metric` is not produced by an evaluation with these tasks/lengths/domains, or None."""
-    name, at, length_text = metric.partition("@")
-    if at:
-        if not length_text.isdigit():
-            return f"metric {metric!r}: the part after '@' must be a length in tokens"
-        length = int(length_text)
-        if name in ("ppl", "loss"):
+    try:
+        key = MetricKey.parse(metric)
+    except ValueError as exc:
+        return str(exc)
+    if key.length is not None:
+        name = key.task
+        if key.domain is not None:
+            return (f"unknown metric {metric!r}; length metrics have no domain: ppl@L, loss@L, passkey@L, niah@L, "
+                    f"ruler@L, ruler.<task>@L")
+        if name in DOMAIN_TASKS:
             needs, have = "'ppl'", "ppl" in tasks
         elif name in ("passkey", "niah"):
             needs, have = repr(name), name in tasks
         elif name == "ruler":
             needs, have = "'ruler' or a 'ruler.<task>'", bool(ruler_tasks_of(tasks))
-        elif name.startswith("ruler.") and name.split(".", 1)[1] in RULER_TASKS:
-            needs, have = f"'ruler' or {name!r}", name.split(".", 1)[1] in ruler_tasks_of(tasks)
+        elif key.family == "ruler" and key.variant in RULER_TASKS:
+            needs, have = f"'ruler' or {name!r}", key.variant in ruler_tasks_of(tasks)
         else:
             return (f"unknown metric {metric!r}; length metrics: ppl@L, loss@L, passkey@L, niah@L, ruler@L, "
                     f"ruler.<task>@L (tasks: {', '.join(RULER_TASKS)})")
         if not have:
             return f"metric {metric!r} needs {needs} in eval.tasks (got {list(tasks)})"
-        if length not in lengths:
-            return f"metric {metric!r}: {length} is not one of eval.lengths {list(lengths)}"
+        if key.length not in lengths:
+            return f"metric {metric!r}: {key.length} is not one of eval.lengths {list(lengths)}"
         return None
-    head, dot, domain = metric.partition(".")
-    if head in ("loss", "ppl"):
+    if key.task in DOMAIN_TASKS:
         if "loss" not in tasks:
             return f"metric {metric!r} needs 'loss' in eval.tasks (got {list(tasks)})"
-        if dot and domain not in domains:
-            return f"metric {metric!r}: unknown domain {domain!r}; domains: {sorted(set(domains))}"
+        if key.domain is not None and key.domain not in domains:
+            return f"metric {metric!r}: unknown domain {key.domain!r}; domains: {sorted(set(domains))}"
         return None
-    if metric == "arith":
+    if key.task == "arith":
         return None if "arith" in tasks else f"metric 'arith' needs 'arith' in eval.tasks (got {list(tasks)})"
-    if metric.startswith("harness."):
+    if key.family == HARNESS:
         if not any(t.startswith(HARNESS_PREFIX) for t in tasks):
             return f"metric {metric!r} needs a {HARNESS_PREFIX}<task> entry in eval.tasks"
         return None

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from midtrain.train.loss import IGNORE, token_loss_sums
+from midtrain.eval.keys import MetricKey
+from midtrain.model.loss import IGNORE, token_loss_sums
 
 Batch = dict[str, torch.Tensor]
 
@@ -112,8 +113,8 @@ def heldout_metrics(
     total = [0.0, 0.0]
     for domain, (s, c) in sorted(by_domain.items()):
         if c > 0:
-            metrics[f"loss.{domain}"] = s / c
-            metrics[f"ppl.{domain}"] = math.exp(min(s / c, 50.0))
+            metrics[str(MetricKey("loss", domain=domain))] = s / c
+            metrics[str(MetricKey("ppl", domain=domain))] = math.exp(min(s / c, 50.0))
             total[0] += s
             total[1] += c
     if total[1] > 0:

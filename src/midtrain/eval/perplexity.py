@@ -17,7 +17,7 @@ from torch import nn
 
 from midtrain.model.attention import forward_packed
 from midtrain.model.head import resolve_loss_chunk_tokens
-from midtrain.train.loss import IGNORE, token_loss_sums
+from midtrain.model.loss import IGNORE, token_loss_sums
 
 
 def _loss_sum(model: nn.Module, ids: torch.Tensor, score_from: int) -> float:

@@ -1,8 +1,9 @@
 """One evaluation of one checkpoint: every task a stage (or `midtrain eval`) asks for -> metrics + details.
 
-Metric names are the contract gates and the report read (docs/CONTRACTS.md §4): `loss[.<domain>]`,
-`ppl[.<domain>]`, `ppl@L`, `loss@L`, `passkey@L`, `niah@L`, `ruler.<task>@L`, `ruler@L`, `arith`,
-`harness.<task>.<metric>`. Everything is seeded, so the same checkpoint and spec give the same numbers.
+Metric names are the contract gates and the report read (docs/CONTRACTS.md §4), built and parsed as
+`midtrain.eval.keys.MetricKey`: `loss[.<domain>]`, `ppl[.<domain>]`, `ppl@L`, `loss@L`, `passkey@L`, `niah@L`,
+`ruler.<task>@L`, `ruler@L`, `arith`, `harness.<task>.<metric>`. Everything is seeded, so the same checkpoint and
+spec give the same numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import numpy as np
 from torch import nn
 
 from midtrain.eval.gates import HARNESS_PREFIX, ruler_tasks_of, task_problem
+from midtrain.eval.generate import greedy_generate
+from midtrain.eval.harness import run_harness
+from midtrain.eval.keys import MetricKey
+from midtrain.eval.perplexity import perplexity_at_length
 from midtrain.eval.tasks import (
     Sample,
     TokenCounter,
@@ -80,7 +85,7 @@ def generative_samples(spec: EvalSpec, count: TokenCounter, skipped: dict[str, s
             try:
                 samples += make(length)
             except ValueError as exc:
-                skipped[f"{name}@{length}"] = str(exc)
+                skipped[str(MetricKey(name, length))] = str(exc)
     if "arith" in spec.tasks:
         samples += arith_samples(spec.samples, spec.seed)
     return samples
@@ -89,8 +94,6 @@ def generative_samples(spec: EvalSpec, count: TokenCounter, skipped: dict[str, s
 def run_generative(model: nn.Module, tokenizer, samples: Sequence[Sample], *, batch_size: int = 8,
                    precision: str = "fp32") -> list[str]:
     """Greedy outputs (decoded text) for every sample; prompts start with BOS like training documents do."""
-    from midtrain.eval.generate import greedy_generate
-
     count = TokenCounter(tokenizer)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -114,8 +117,6 @@ def evaluate(model: nn.Module, tokenizer, spec: EvalSpec, *, documents: Sequence
 
     `documents`: held-out token arrays for `ppl@L`. `checkpoint_dir`: an HF export, needed by harness tasks.
     """
-    from midtrain.eval.perplexity import perplexity_at_length
-
     log = log or (lambda _: None)
     metrics: dict[str, float] = {}
     skipped: dict[str, str] = {}
@@ -126,9 +127,9 @@ def evaluate(model: nn.Module, tokenizer, spec: EvalSpec, *, documents: Sequence
                 out = perplexity_at_length(model, documents, length, max_windows=spec.max_windows,
                                            batch_size=max(1, spec.batch_size // 2))
             except ValueError as exc:
-                skipped[f"ppl@{length}"] = str(exc)
+                skipped[str(MetricKey("ppl", length))] = str(exc)
                 continue
-            metrics[f"loss@{length}"], metrics[f"ppl@{length}"] = out["loss"], out["ppl"]
+            metrics[str(MetricKey("loss", length))], metrics[str(MetricKey("ppl", length))] = out["loss"], out["ppl"]
             details.setdefault("ppl_windows", {})[str(length)] = out["windows"]
     count = TokenCounter(tokenizer)
     samples = generative_samples(spec, count, skipped)
@@ -138,17 +139,15 @@ def evaluate(model: nn.Module, tokenizer, spec: EvalSpec, *, documents: Sequence
         scores = [score(s, o) for s, o in zip(samples, outputs)]
         metrics.update(mean_by_metric(samples, scores))
         for length in spec.lengths:
-            parts = [metrics[k] for k in metrics if k.startswith("ruler.") and k.endswith(f"@{length}")]
+            parts = [v for k, v in metrics.items() if _is_ruler_task_at(k, length)]
             if parts:
-                metrics[f"ruler@{length}"] = sum(parts) / len(parts)
+                metrics[str(MetricKey("ruler", length))] = sum(parts) / len(parts)
         if "niah" in spec.tasks:
             details["niah"] = niah_grid(samples, scores)
         details["examples"] = _examples(samples, outputs)
         log(f"eval: {len(samples)} generated prompts in {time.perf_counter() - started:.1f}s")
     harness = [t[len(HARNESS_PREFIX):] for t in spec.tasks if t.startswith(HARNESS_PREFIX)]
     if harness:
-        from midtrain.eval.harness import run_harness
-
         found, note = run_harness(checkpoint_dir, harness, seed=spec.seed, log=log)
         metrics.update(found)
         if note:
@@ -158,6 +157,11 @@ def evaluate(model: nn.Module, tokenizer, spec: EvalSpec, *, documents: Sequence
         for key, why in skipped.items():
             log(f"eval: skipped {key}: {why}")
     return dict(sorted(metrics.items())), details
+
+
+def _is_ruler_task_at(metric: str, length: int) -> bool:
+    key = MetricKey.try_parse(metric)
+    return key is not None and key.family == "ruler" and key.variant is not None and key.length == length
 
 
 def _examples(samples: Sequence[Sample], outputs: Sequence[str]) -> dict[str, dict]:

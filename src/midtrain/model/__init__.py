@@ -1,6 +1,6 @@
 """Model adapter: tiny presets, Hugging Face I/O and document-masked packed forward."""
 
-from midtrain.model.attention import document_causal_mask, document_ids, forward_packed
+from midtrain.model.attention import document_causal_mask, document_ids, forward_packed, install_document_attention
 from midtrain.model.hf import (
     build_model,
     count_parameters,
@@ -20,6 +20,7 @@ __all__ = [
     "document_causal_mask",
     "document_ids",
     "forward_packed",
+    "install_document_attention",
     "load_model",
     "load_tokenizer",
     "preset_config",

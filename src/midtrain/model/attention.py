@@ -9,9 +9,10 @@ On CPU, SDPA with an explicit mask computes every [T, T] block (no causal skippi
 costs about twice `is_causal` (REFERENCE §5). So for `sdpa` models `forward_packed` also hands the attention a
 `DocumentSegments` plan: every document is cut out, documents of similar length are batched into one
 `is_causal=True` SDPA call, and the attention costs about the sum of squared document lengths instead of B x T².
-The plan travels as a model kwarg to midtrain's wrapper of transformers' "sdpa" attention function; without it
-(evaluation, generation, other callers) the wrapper is transformers' own function. The 4D mask is still passed,
-so a model whose attention bypasses the wrapper stays correct, only slower.
+The plan travels as a model kwarg to midtrain's wrapper of transformers' "sdpa" attention function, which
+`forward_packed` installs (`install_document_attention`, idempotent; importing this module registers nothing);
+without a plan (evaluation, generation, other callers) the wrapper is transformers' own function. The 4D mask is
+still passed, so a model whose attention bypasses the wrapper stays correct, only slower.
 """
 
 from __future__ import annotations
@@ -279,14 +280,16 @@ def _wrap_sdpa(original: Callable) -> Callable:
     return sdpa_with_document_segments
 
 
-def _install() -> None:
-    """Wrap transformers' "sdpa" attention function once per process (idempotent under re-import)."""
+def install_document_attention() -> None:
+    """Wrap transformers' global "sdpa" attention function so that a `document_segments` plan runs as per-document
+    attention (without a plan the wrapper is transformers' own function). Idempotent: never wraps the wrapper.
+
+    Explicit, not done on import: `forward_packed` calls it before it hands a model a plan, so importing
+    midtrain.model changes nothing in transformers.
+    """
     current = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if getattr(current, "__name__", "") != "sdpa_with_document_segments":
         AttentionInterface.register("sdpa", _wrap_sdpa(current))
-
-
-_install()
 
 
 def forward_packed(
@@ -332,6 +335,8 @@ def forward_packed(
         raise ValueError(
             f"forward_packed supports attn_implementation 'sdpa', 'eager' or 'flex_attention' (got {impl!r})"
         )
+    if "document_segments" in kwargs:
+        install_document_attention()  # the plan is read by midtrain's wrapper of transformers' "sdpa" function
     head = None if loss_chunk_tokens is None else chunkable_head(model)
     with contextlib.nullcontext() if head is None else hidden_states_only(head):
         out = model(

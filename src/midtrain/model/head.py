@@ -1,9 +1,10 @@
 """The output head's inputs instead of its logits, for a loss that applies the head itself in chunks.
 
 `forward_packed(..., loss_chunk_tokens=n)` returns `HeadInputs` (the final-normed hidden states and the head's
-weight) and `midtrain.train.linear_loss` computes logits, loss and gradients a chunk of rows at a time, so the
-[tokens, vocab] logits never exist in full. The model is still called whole — DDP's and torch.compile's wrappers
-keep running — only the output embedding's `forward` is swapped for the identity during that call.
+weight) and `midtrain.model.loss.linear_cross_entropy` computes logits, loss and gradients a chunk of rows at a
+time, so the [tokens, vocab] logits never exist in full. The model is still called whole — DDP's and
+torch.compile's wrappers keep running — only the output embedding's `forward` is swapped for the identity during
+that call.
 """
 
 from __future__ import annotations

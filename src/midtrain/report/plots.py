@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from midtrain.eval.keys import MetricKey  # noqa: E402
 from midtrain.io import write_bytes_atomic  # noqa: E402
 
 Rows = Sequence[dict]
@@ -35,6 +36,16 @@ def _boundaries(ax, stages: Sequence[dict]) -> None:
         ax.text(st["first_tokens"], top, f" {st['name']}", va="top", ha="left", fontsize=8, color="dimgrey")
 
 
+VAL = "val_"  # held-out rows of metrics.jsonl prefix the eval's metric keys (val_loss.math)
+SCORE_TASKS = ("passkey", "niah", "ruler", "arith")  # accuracy-type tasks (plus harness metrics)
+
+
+def _loss_domain(field: str) -> str | None:
+    """The domain of a per-domain loss field of a train or held-out row (`loss.math`, `val_loss.math`), else None."""
+    key = MetricKey.try_parse(field.removeprefix(VAL))
+    return key.domain if key is not None and key.task == "loss" and key.length is None else None
+
+
 def loss_curves(rows: Rows, stages: Sequence[dict], path: Path) -> Path | None:
     """Train loss per domain (lines) and held-out loss per domain (markers) over global tokens."""
     train = [r for r in rows if r.get("event") == "train"]
@@ -44,14 +55,15 @@ def loss_curves(rows: Rows, stages: Sequence[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     if train:
         ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], color="black", linewidth=1.2, label="train")
-    domains = sorted({k.split(".", 1)[1] for r in train + val for k in r if k.startswith(("loss.", "val_loss."))})
+    domains = sorted({d for r in train + val for d in map(_loss_domain, r) if d is not None})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, domain in enumerate(domains):
         color = colors[i % len(colors)]
-        pts = [(r["tokens"], r[f"loss.{domain}"]) for r in train if f"loss.{domain}" in r]
+        key = str(MetricKey("loss", domain=domain))
+        pts = [(r["tokens"], r[key]) for r in train if key in r]
         if pts:
             ax.plot(*zip(*pts), color=color, linewidth=0.8, alpha=0.6, label=f"train {domain}")
-        pts = [(r["tokens"], r[f"val_loss.{domain}"]) for r in val if f"val_loss.{domain}" in r]
+        pts = [(r["tokens"], r[VAL + key]) for r in val if VAL + key in r]
         if pts:
             ax.plot(*zip(*pts), color=color, marker="o", linestyle=":", label=f"held-out {domain}")
     ax.set_xlabel("tokens")
@@ -124,8 +136,9 @@ def _length_series(evals: dict[str, dict], prefix: str) -> dict[str, list[tuple[
     """{label: [(length, value)]} for metrics `<prefix>@<L>` of each eval (label = stage / 'start')."""
     out = {}
     for label, ev in evals.items():
-        pts = sorted((int(k.split("@")[1]), v) for k, v in ev["metrics"].items()
-                     if k.startswith(prefix + "@") and k.split("@")[1].isdigit())
+        keys = {k: MetricKey.try_parse(k) for k in ev["metrics"]}
+        pts = sorted((key.length, ev["metrics"][k]) for k, key in keys.items()
+                     if key is not None and key.task == prefix and key.length is not None and key.domain is None)
         if pts:
             out[label] = pts
     return out
@@ -173,8 +186,7 @@ def niah_heatmap(grid: dict[str, dict[str, float]], title: str, path: Path) -> P
 
 def task_bars(stages: Sequence[tuple[str, dict, dict]], path: Path) -> Path | None:
     """Accuracy-type metrics (passkey, niah, ruler, arith, harness) before vs after, one group per stage."""
-    keys = sorted({k for _, b, a in stages for k in {**b, **a}
-                   if k.startswith(("passkey@", "niah@", "ruler@", "arith", "harness."))})
+    keys = sorted({k for _, b, a in stages for k in {**b, **a} if _is_score(k)})
     if not keys:
         return None
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(keys) * len(stages) + 2), 4))
@@ -190,6 +202,11 @@ def task_bars(stages: Sequence[tuple[str, dict, dict]], path: Path) -> Path | No
     ax.set_title("Task scores before and after each stage")
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def _is_score(metric: str) -> bool:
+    key = MetricKey.try_parse(metric)
+    return key is not None and (key.task in SCORE_TASKS or key.family == "harness")
 
 
 def gradient_noise_scale(series: dict[str, Rows], stages: Sequence[dict], path: Path) -> Path | None:

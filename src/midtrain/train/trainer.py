@@ -13,16 +13,15 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from midtrain import faults
+from midtrain.model.loss import label_count, token_loss_sums
 from midtrain.plan import StagePlan
 from midtrain.train.distributed import DistInfo, all_reduce_sum
-from midtrain.train.loss import label_count, token_loss_sums
 from midtrain.train.optim import set_lr
 
 Batch = dict[str, torch.Tensor]
@@ -44,9 +43,6 @@ class Callback:
         this rank. Its gradient is scaled by world_size / trainer.step_label_count (the global count)."""
 
     def on_stage_end(self, trainer: Trainer) -> None: ...
-
-    def on_restore(self, trainer: Trainer, checkpoint: Path, saved: dict) -> None:
-        """The trainer went back to `checkpoint` (a step-guard roll-back; `saved` is its trainer.json)."""
 
 
 @dataclass
@@ -82,7 +78,7 @@ class Trainer:
     on_fault: Callable[[Trainer, str, float], bool] | None = None
     forced_skips: dict[int, str] = field(default_factory=dict)
     step_label_count: float = 0.0  # predicted tokens of the current step over all ranks (the loss normaliser)
-    # backward writes the logits' gradient into their own storage (midtrain.train.loss.inplace_cross_entropy): no
+    # backward writes the logits' gradient into their own storage (midtrain.model.loss.inplace_cross_entropy): no
     # fresh logits-sized buffers per micro-batch; False computes the same loss with F.cross_entropy
     inplace_loss: bool = True
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from midtrain.data.sources import iter_documents
 from midtrain.eval.tasks.base import TokenCounter
 
 NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
@@ -41,8 +42,6 @@ def haystack_sentences(kind: str) -> tuple[str, ...]:
 
         texts = [topics[k] for k in sorted(topics)]
     else:
-        from midtrain.data.sources import iter_documents
-
         path = Path(kind)
         if not path.exists():
             raise ValueError(f"haystack {kind!r}: not 'noise', 'pydoc' or an existing local file/directory")

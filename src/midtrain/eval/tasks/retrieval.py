@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from midtrain.eval.keys import MetricKey
 from midtrain.eval.tasks.base import Sample, TokenCounter, prompt_room, task_rng
 from midtrain.eval.tasks.haystack import NOISE, build_context, haystack_sentences
 
@@ -59,7 +60,7 @@ def niah_grid(samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, d
     """{length: {depth: accuracy}} (string keys: it goes into JSON) for the NIAH heatmap."""
     cells: dict[tuple[int, float], list[float]] = {}
     for sample, value in zip(samples, scores):
-        if sample.metric.startswith("niah@"):
+        if MetricKey.parse(sample.metric).task == "niah":
             cells.setdefault((sample.meta["length"], sample.meta["depth"]), []).append(value)
     grid: dict[str, dict[str, float]] = {}
     for (length, depth), values in sorted(cells.items()):

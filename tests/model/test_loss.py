@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from midtrain.train.loss import IGNORE, label_count, token_loss_sums
+from midtrain.model.loss import IGNORE, label_count, token_loss_sums
 
 
 def test_sums_per_source_and_counts_match_the_shifted_logits_oracle():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from midtrain.train.loss import IGNORE, inplace_cross_entropy, token_loss_sums
+from midtrain.model.loss import IGNORE, inplace_cross_entropy, token_loss_sums
 
 VOCAB = 256
 
