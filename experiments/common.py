@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from midtrain.config import load_recipe
-from midtrain.train.run import RunOptions, run
+from midtrain.layout import RunLayout
+from midtrain.run import RunOptions, run
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("MIDTRAIN_EXPERIMENTS_WORK", "/tmp/midtrain-experiments"))
@@ -34,7 +35,7 @@ def run_recipe(recipe: Path, run_dir: Path, overrides: Sequence[str] = ()) -> di
         run(loaded, RunOptions(progress=False))
     finally:
         torch.set_num_threads(threads)
-    return {p.stem: json.loads(p.read_text())["metrics"] for p in sorted((run_dir / "eval").glob("*.json"))}
+    return {p.stem: json.loads(p.read_text())["metrics"] for p in RunLayout(run_dir).eval_files()}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -89,7 +90,7 @@ def shared_base() -> Path:
     """The HF export of experiments/base.yaml's run (trained once, then reused by every continual experiment)."""
     run_dir = WORK / "base"
     run_recipe(place_recipe(ROOT / "experiments" / "base.yaml"), run_dir)
-    return run_dir / "stages" / "base" / "hf"
+    return RunLayout(run_dir).stage("base").export
 
 
 def continual(name: str, mixture: dict[str, float], seed: int, schedule: dict | None = None,

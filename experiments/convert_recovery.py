@@ -28,8 +28,9 @@ import torch
 from midtrain.config import load_recipe
 from midtrain.data import byte_tokenizer
 from midtrain.io import write_json_atomic, write_text_atomic
+from midtrain.layout import RunLayout
 from midtrain.model import build_model, count_parameters, preset_config, save_hf_checkpoint
-from midtrain.train.run import RunOptions, run
+from midtrain.run import RunOptions, run
 
 VARIANTS = {
     "dense": None,
@@ -91,15 +92,16 @@ def run_quiet(recipe: Path, run_dir: Path, overrides: list[str]) -> None:
 
 
 def read_variant(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = {p.stem: json.loads(p.read_text())["metrics"]["loss"] for p in (run_dir / "eval").glob("*.json")}
+    layout = RunLayout(run_dir)
+    rows = [json.loads(line) for line in layout.metrics.read_text().splitlines()]
+    evals = {p.stem: json.loads(p.read_text())["metrics"]["loss"] for p in layout.eval_files()}
     convert = next((r for r in rows if r["event"] == "convert"), {})
     curve = [(r["stage_tokens"], r["val_loss"]) for r in rows if r["event"] == "val" and r["stage"] == "continue"]
     train = [r for r in rows if r["event"] == "train" and r["stage"] == "continue"]
-    config = json.loads((run_dir / "stages" / "continue" / "hf" / "config.json").read_text())
+    config = json.loads((layout.stage("continue").export / "config.json").read_text())
     from midtrain.model import load_model
 
-    params = count_parameters(load_model(run_dir / "stages" / "continue" / "hf"))
+    params = count_parameters(load_model(layout.stage("continue").export))
     return {
         "architecture": config["architectures"][0],
         "kv_heads": config["num_key_value_heads"],

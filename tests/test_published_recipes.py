@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from midtrain.config import load_recipe
-from midtrain.train.run import RunOptions, run
+from midtrain.run import RunOptions, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(ROOT.glob("recipes/**/*.yaml"))  # the demo recipe needs the corpus `midtrain demo` builds: test_demo.py

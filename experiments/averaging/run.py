@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import ROOT, WORK, Stopwatch, place_recipe, run_recipe, shared_base, table  # noqa: E402
+from midtrain.layout import RunLayout  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SCHEDULE = '{kind: wsd, peak_lr: 1e-3, decay_fraction: 0.3, decay_shape: linear, min_lr: 0}'
@@ -42,9 +43,11 @@ def main() -> None:
         run_dir = WORK / "averaging" / name.split()[0].lower()
         evals = run_recipe(recipe, run_dir, common + extra)
         results[name] = {"before": evals["cont-before"], "after": evals["cont"], "run_dir": str(run_dir)}
-        for branch in sorted((run_dir / "stages/cont").glob("seed-*")):
-            results[name][branch.name] = json.loads((branch / "eval.json").read_text())["metrics"]
-        raw = run_dir / "eval/cont.raw.json"
+        layout = RunLayout(run_dir)
+        for seed in layout.branch_seeds("cont"):
+            branch = layout.branch("cont", seed)
+            results[name][branch.dir.name] = json.loads(branch.eval_after.read_text())["metrics"]
+        raw = layout.stage("cont").eval_raw
         if raw.is_file():
             results[name]["raw"] = json.loads(raw.read_text())["metrics"]
         print(f"{name}: loss {evals['cont']['loss']:.4f}  ({clock.minutes():.1f} min)", flush=True)
@@ -54,7 +57,7 @@ def main() -> None:
         rows.append([name, *(f"{r['after'].get(k, float('nan')):.4f}" for k in keys)])
         for part in sorted(k for k in r if k.startswith("seed-")):
             rows.append([f"  branch {part}", *(f"{r[part].get(k, float('nan')):.4f}" for k in keys)])
-    gns_rows = [json.loads(line) for line in (Path(results["last iterate"]["run_dir"]) / "metrics.jsonl")
+    gns_rows = [json.loads(line) for line in RunLayout(results["last iterate"]["run_dir"]).metrics
                 .read_text().splitlines()]
     gns = [(r["stage_tokens"], r["gns"], r["lr"]) for r in gns_rows if r.get("event") == "train" and "gns" in r]
     picks = [gns[0], gns[len(gns) // 2], gns[-1]] if gns else []

@@ -255,25 +255,19 @@ def install_base(export: Path, metrics: dict, dest: Path = DEMO_BASE) -> Path:
     `dest` (replaced whole, never half-written) with a `provenance.json` saying how it was made and what it scored."""
     import shutil
 
-    from midtrain.io import temp_path
-    from midtrain.train.run import PROBE_FILE
+    from midtrain.io import publish_dir
+    from midtrain.run import PROBE_FILE
 
-    tmp = temp_path(dest)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for item in export.iterdir():
-        if item.is_file() and item.name != PROBE_FILE:  # the export's load check, not part of the model
-            shutil.copy2(item, tmp / item.name)
-    provenance = {"rebuild": "midtrain demo --build-base", "recipe": "src/midtrain/recipes/demo-base.yaml",
-                  "metrics": metrics}
-    (tmp / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
-    check_base(tmp)
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
+    def write(tmp: Path) -> None:
+        for item in export.iterdir():
+            if item.is_file() and item.name != PROBE_FILE:  # the export's load check, not part of the model
+                shutil.copy2(item, tmp / item.name)
+        provenance = {"rebuild": "midtrain demo --build-base", "recipe": "src/midtrain/recipes/demo-base.yaml",
+                      "metrics": metrics}
+        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
+        check_base(tmp)
+
+    return publish_dir(dest, write)
 
 
 def eval_template_sentences() -> list[str]:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from midtrain.config import load_recipe
-from midtrain.train.run import RunOptions, run
+from midtrain.run import RunOptions, run
 from tests.train.tiny import write_recipe
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """Held-out loss of an instruction source scores its response tokens only, as training does.
 
 Oracle: run the model on the held-out sample alone and compute cross-entropy by hand (log-softmax, gather) over the
-positions whose loss mask is 1; the run's held-out batches (train.run._heldout_batches) packed with a text document
+positions whose loss mask is 1; the run's held-out batches (midtrain.run.setup.heldout_batches) packed with a text document
 must give the same per-domain loss, and a text source still scores every token.
 """
 
@@ -19,7 +19,7 @@ from midtrain.data.instruct import InstructionFormat
 from midtrain.eval.heldout import heldout_metrics
 from midtrain.model import build_model, forward_packed
 from midtrain.model.presets import preset_config
-from midtrain.train.run import _heldout_batches
+from midtrain.run.setup import heldout_batches
 
 from .corpus import prose_texts, write_jsonl
 
@@ -49,7 +49,7 @@ def test_heldout_loss_of_instruction_source_scores_response_tokens_only(tmp_path
     model = build_model(preset_config("tiny-llama", len(tok)), seed=0).eval()
     ctx = SimpleNamespace(recipe=SimpleNamespace(stages=[SimpleNamespace(eval=SimpleNamespace(max_docs=4))]),
                           sources=[prose, chat])
-    batches = _heldout_batches(ctx, SimpleNamespace(index=0, seq_len=1024))
+    batches = heldout_batches(ctx, SimpleNamespace(index=0, seq_len=1024))
     assert len(batches) == 1 and int((batches[0]["position_ids"] == 0).sum()) >= 2  # both packed in one row
     got = heldout_metrics(model, forward_packed, batches, ["general", "chat"], device=torch.device("cpu"),
                           precision="fp32")

@@ -161,7 +161,7 @@ def test_recipe_source_may_be_an_fsspec_url_and_trains(tmp_path, monkeypatch):
     import fsspec
 
     from midtrain.config import load_recipe
-    from midtrain.train.run import RunOptions, run
+    from midtrain.run import RunOptions, run
 
     fs = fsspec.filesystem("memory")
     fs.pipe("/recipe-url/web.jsonl", "".join(f'{{"text": "document number {i} of the remote corpus."}}\n'

@@ -79,7 +79,7 @@ def _limit(fsize_limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
 
 
-_PRELOAD = ["torch", "transformers", "midtrain.cli", "midtrain.train.run", "midtrain.data.prepare"]
+_PRELOAD = ["torch", "transformers", "midtrain.cli", "midtrain.run.driver", "midtrain.data.prepare"]
 _context = None
 
 

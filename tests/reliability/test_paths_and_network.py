@@ -83,7 +83,7 @@ def no_network(monkeypatch):
 
 @pytest.mark.slow
 def test_a_local_recipe_runs_without_touching_the_network(tmp_path, monkeypatch, no_network):
-    from midtrain.train.run import RunOptions, run
+    from midtrain.run import RunOptions, run
 
     monkeypatch.setenv("MIDTRAIN_CACHE", str(tmp_path / "cache"))
     recipe = load_recipe(write_recipe(tmp_path, warm_tokens=1024, anneal_tokens=512, every=1024),

@@ -123,10 +123,10 @@ def test_a_fault_that_keeps_coming_back_stops_after_max_rollbacks(tmp_path, monk
     instead of looping (in-process; the tiny recipe, a checkpoint every 2 steps)."""
     import math
 
-    import midtrain.train.run as run_module
+    import midtrain.run.stage as run_module
     from midtrain.config import load_recipe
     from midtrain.train.rollback import RollbackError
-    from midtrain.train.run import RunOptions, run
+    from midtrain.run import RunOptions, run
 
     from ..train.tiny import write_recipe
 

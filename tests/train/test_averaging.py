@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from midtrain.config.recipe import AverageConfig, Recipe
-from midtrain.schedule import LRSchedule
+from midtrain.schedule import LRSchedule, horizon_tokens_for
 from midtrain.train.averaging import WeightAverager, start_tokens
 
 from .test_gns import _problems, _recipe
@@ -43,7 +43,7 @@ def test_ema_follows_its_recursion_from_the_first_averaged_step():
 
 def test_start_decay_averages_exactly_the_steps_of_the_wsd_decay():
     steps = 10
-    schedule = LRSchedule(kind="wsd", peak_lr=0.05, horizon_tokens=(steps - 1) * B, decay_fraction=0.3)
+    schedule = LRSchedule(kind="wsd", peak_lr=0.05, horizon_tokens=horizon_tokens_for(steps, B), decay_fraction=0.3)
     config = AverageConfig(kind="tail")
     averager, record = _run(config, steps, schedule)
     decaying = [i for i in range(steps) if schedule.lr(i * B) < 0.05 or i * B >= schedule.decay_start_tokens]
@@ -69,7 +69,7 @@ def test_resume_mid_average_is_exact(tmp_path):
     from safetensors.torch import save_file
 
     save_file(part.tensors(), str(tmp_path / "average.safetensors"))
-    state = part.state()
+    state = part.checkpoint_state()
 
     model = Bigram()
     model.load_state_dict(first.model.state_dict())
@@ -78,7 +78,7 @@ def test_resume_mid_average_is_exact(tmp_path):
     second.loader.g.set_state(first.loader.g.get_state())
     second.state = first.state
     resumed = WeightAverager(config, second.stage)
-    resumed.load(tmp_path, second.model, state)
+    resumed.restore(tmp_path, second.model, state)
     second.callbacks = [resumed]
     second.fit()
     assert resumed.count == full.count == 10
@@ -118,10 +118,10 @@ def test_on_restore_rewinds_the_average_to_a_checkpoint(tmp_path):
 
     averager, record = _run(AverageConfig(kind="tail", start=0), steps=4)
     save_file(averager.tensors(), str(tmp_path / "average.safetensors"))
-    saved = {"average": averager.state()}
+    saved = {"average": averager.checkpoint_state()}
     at_save = averager.shadow["w"].clone()
     trainer = make_trainer(8, 0.05, [averager], optimizer="adamw")
     trainer.fit()
     assert averager.count == 12 and not torch.equal(averager.shadow["w"], at_save)
-    averager.on_restore(trainer, tmp_path, saved)
+    averager.restore(tmp_path, trainer.model, saved["average"])
     assert averager.count == 4 and torch.equal(averager.shadow["w"], at_save)

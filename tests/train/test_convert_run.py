@@ -9,7 +9,7 @@ import pytest
 
 import midtrain.model.convert as convert_module
 from midtrain.config import load_recipe
-from midtrain.train.run import RunError, RunOptions, run
+from midtrain.run import RunError, RunOptions, run
 from tests.test_contracts import documented_metric_key
 
 from .tiny import train_rows, write_recipe

@@ -21,7 +21,7 @@ def test_step_ranges_parse_and_bad_ones_are_refused():
 
 def test_profiled_steps_leave_a_trace_and_a_table(tmp_path, monkeypatch):
     from midtrain.config import load_recipe
-    from midtrain.train.run import RunOptions, run
+    from midtrain.run import RunOptions, run
 
     monkeypatch.setenv("MIDTRAIN_CACHE", str(tmp_path / "cache"))
     recipe = load_recipe(write_recipe(tmp_path, warm_tokens=2048, anneal_tokens=1024, every=4096),

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from midtrain.train.runlock import LOCK_NAME, RunLock, RunLockError
+from midtrain.layout import LOCK_FILE as LOCK_NAME
+from midtrain.train.runlock import RunLock, RunLockError
 
 
 def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import midtrain.train.run as run_module
+import midtrain.run.stage as run_module
 from midtrain.config import load_recipe
-from midtrain.train.run import RunOptions, run
+from midtrain.run import RunOptions, run
 from midtrain.train.trainer import skip_reason
 
 from .tiny import train_rows, write_recipe

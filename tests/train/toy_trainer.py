@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from midtrain.plan import StagePlan
-from midtrain.schedule import LRSchedule
+from midtrain.schedule import LRSchedule, horizon_tokens_for
 from midtrain.train.distributed import DistInfo
 from midtrain.train.trainer import Callback, Trainer
 
@@ -57,7 +57,8 @@ def make_trainer(steps: int, lr: float, callbacks: list[Callback], *, micro: int
                  optimizer: str = "sgd") -> Trainer:
     model = model or Bigram()
     batch_tokens = micro * rows * T
-    schedule = schedule or LRSchedule(kind="constant", peak_lr=lr, horizon_tokens=(steps - 1) * batch_tokens)
+    schedule = schedule or LRSchedule(kind="constant", peak_lr=lr,
+                                      horizon_tokens=horizon_tokens_for(steps, batch_tokens))
     opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0))
     return Trainer(model=model, optimizer=opt, loader=PairSource(transition(), micro, rows),

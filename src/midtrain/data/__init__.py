@@ -1,6 +1,6 @@
 """Data pipeline: read documents, tokenize into a cache, mix by tokens, pack into batches (CONTRACTS §2, §5).
 
-Names load lazily so that `midtrain --help` (which imports `midtrain.data.cli`) pays for neither torch nor
+Names load lazily so that `midtrain --help` (which imports `midtrain.cli.data`) pays for neither torch nor
 transformers.
 """
 

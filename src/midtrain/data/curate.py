@@ -27,9 +27,9 @@ from datatrove.data import Document as DTDocument
 from datatrove.pipeline.base import PipelineStep
 
 from midtrain import faults
-from midtrain.config import Recipe
+from midtrain.config import Recipe, Source
 from midtrain.config.recipe import CurationConfig
-from midtrain.data.prepare import curated_dir, curated_sources, run_dir_of
+from midtrain.data.prepare import curated_dir, curated_sources, run_layout
 from midtrain.data.sources import SkipReport, iter_documents
 
 
@@ -145,8 +145,12 @@ def _executor(cfg: CurationConfig, pipeline: list, *, tasks: int, logging_dir: P
     return RayPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir), depends=depends)
 
 
-def build_jobs(recipe: Recipe, source_name: str, *, fresh: bool = False):
-    """The chain of executors for one source; returns the last one (running it runs or submits the chain)."""
+def build_jobs(cfg: CurationConfig, source: Source, *, work: Path, out: Path, summary: Path, seed: int,
+               fresh: bool = False):
+    """The chain of executors for one source; returns the last one (running it runs or submits the chain).
+
+    `work` holds datatrove's intermediate outputs and logs, `out` the curated data (`out/output`, `out/_SUCCESS`),
+    `summary` what each filter kept and removed."""
     from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
     from datatrove.pipeline.dedup.exact_dedup import (
         ExactDedupConfig,
@@ -158,11 +162,7 @@ def build_jobs(recipe: Recipe, source_name: str, *, fresh: bool = False):
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    cfg = recipe.curation
-    assert cfg is not None
-    source = next(s for s in recipe.sources if s.name == source_name)
-    work = run_dir_of(recipe) / "data" / "curation" / source_name
-    out = curated_dir(recipe) / source_name
+    source_name = source.name
     if fresh:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -186,7 +186,7 @@ def build_jobs(recipe: Recipe, source_name: str, *, fresh: bool = False):
     final_out = out / "output"
     if cfg.minhash:
         mh = MinhashConfig(n_grams=cfg.minhash_ngram, num_buckets=cfg.minhash_buckets,
-                           hashes_per_bucket=cfg.minhash_hashes_per_bucket, seed=recipe.seed + 1,
+                           hashes_per_bucket=cfg.minhash_hashes_per_bucket, seed=seed + 1,
                            hash_config=_hash_config())
         add([JsonlReader(str(stage_out)), MinhashDedupSignature(str(work / "mh_sigs"), config=mh,
                                                                 language=cfg.language)], T, "minhash-signatures")
@@ -198,7 +198,6 @@ def build_jobs(recipe: Recipe, source_name: str, *, fresh: bool = False):
             T, "minhash-filter")
     else:
         add([JsonlReader(str(stage_out)), JsonlWriter(str(final_out))], T, "copy")
-    summary = run_dir_of(recipe) / "data" / "curation" / f"{source_name}.json"
     log_dirs = [str(logs / d) for d in ("filter", "exact-signatures", "exact-find", "exact-filter",
                                         "minhash-signatures", "minhash-buckets", "minhash-cluster",
                                         "minhash-filter", "copy")]
@@ -218,7 +217,9 @@ def curate(recipe: Recipe, *, only: list[str] | None = None, fresh: bool = False
         names = list(only)
     results: dict[str, Any] = {}
     for name in names:
-        build_jobs(recipe, name, fresh=fresh).run()
-        summary = run_dir_of(recipe) / "data" / "curation" / f"{name}.json"
+        source = next(s for s in recipe.sources if s.name == name)
+        summary = run_layout(recipe).curation_summary(name)
+        build_jobs(recipe.curation, source, work=run_layout(recipe).curation_work(name), out=curated_dir(recipe) / name,
+                   summary=summary, seed=recipe.seed, fresh=fresh).run()
         results[name] = json.loads(summary.read_text()) if summary.is_file() else {"submitted": True}
     return results

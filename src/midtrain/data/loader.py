@@ -8,6 +8,7 @@ number of ranks and see the same data.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +75,48 @@ class _Cursor:
             else:
                 merged.append(g)
         return cls(int(d["seed"]), merged)
+
+
+@dataclass(frozen=True)
+class ReadPosition:
+    """Where a source's reading stands in its permutation order: every document before position `pos` of epoch
+    `epoch` is consumed, and `offset` tokens of the one at `pos` (with length buckets: the least advanced bucket's
+    frontier)."""
+
+    epoch: int
+    pos: int
+    offset: int
+    n_docs: int
+
+    @property
+    def index(self) -> int:
+        """The position counted over epochs (epoch · n_docs + pos)."""
+        return self.epoch * max(1, self.n_docs) + self.pos
+
+    def first_unread(self) -> tuple[int, int]:
+        """(epoch, position) of the first document not read at all (a started document counts as read)."""
+        epoch, pos = self.epoch, self.pos + (1 if self.offset else 0)
+        return (epoch + 1, 0) if pos >= self.n_docs else (epoch, pos)
+
+
+def read_positions(cursors: dict[str, dict]) -> dict[str, ReadPosition]:
+    """`source_cursors()` (as a checkpoint records them) as positions, by source name."""
+    return {name: ReadPosition(int(c["epoch"]), int(c["cursor"]), int(c["offset"]), int(c["n_docs"]))
+            for name, c in cursors.items()}
+
+
+def furthest_cursors(cursor_sets: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per source the cursor of whichever reader read furthest, moved past a half-read document (in another reader's
+    order it would be another document): how several branches' loaders hand over to the next stage."""
+    out = {}
+    for name in cursor_sets[0]:
+        c = dict(max((b[name] for b in cursor_sets), key=lambda d: (d["epoch"], d["cursor"], d["offset"])))
+        if c["offset"]:
+            c["cursor"], c["offset"] = c["cursor"] + 1, 0
+        if c["cursor"] >= c["n_docs"]:
+            c["epoch"], c["cursor"] = c["epoch"] + 1, 0
+        out[name] = c
+    return out
 
 
 class PackedLoader:
@@ -324,6 +367,10 @@ class PackedLoader:
             for s, c in zip(self.sources, self._cursors)
         }
 
+    def read_positions(self) -> dict[str, ReadPosition]:
+        """Per source name, where its reading stands (see ReadPosition)."""
+        return read_positions(self.source_cursors())
+
     def load_source_cursors(self, cursors: dict[str, dict]) -> None:
         """Continue each named source where a previous loader stopped (sources not named start fresh).
 
@@ -386,3 +433,32 @@ class PackedLoader:
             k = next(k for k, g in enumerate(self._cursors[s].segments) if g.contains(lo))
             self._active = (s, k, int(state.get("active_bucket") or 0))
         self.steps = int(state["steps"])
+
+
+class BranchLoader(PackedLoader):
+    """Reads the same documents as the plain loader would, in another order: in each source's permutation the
+    positions consumed before the stage keep their documents, the rest of that epoch (and every later epoch) is
+    reshuffled by `branch_seed`. Cursors keep their meaning, so state, resume and hand-over work unchanged. One
+    seed branch of a souped stage reads through it (`seeds:` in a stage, midtrain.run.branches)."""
+
+    def __init__(self, sources, weights, *, branch_seed: int, starts: dict[str, tuple[int, int]], **kwargs):
+        super().__init__(sources, weights, **kwargs)
+        self.branch_seed, self.starts = branch_seed, starts
+        self._branch_perms: dict[int, tuple[tuple, np.ndarray]] = {}
+
+    def permutation(self, source: int, epoch: int) -> np.ndarray:
+        base = super().permutation(source, epoch)
+        name = self.sources[source].name
+        first_epoch, first_pos = self.starts.get(name, (0, 0))
+        if epoch < first_epoch:
+            return base
+        key = (self._cursors[source].seed, epoch)
+        cached = self._branch_perms.get(source)
+        if cached is None or cached[0] != key:
+            lo = first_pos if epoch == first_epoch else 0
+            rng = np.random.default_rng([self.branch_seed, zlib.crc32(name.encode()), epoch])
+            order = base.copy()
+            order[lo:] = base[lo:][rng.permutation(len(base) - lo)]
+            cached = (key, order)
+            self._branch_perms[source] = cached
+        return cached[1]

@@ -1,6 +1,6 @@
 """Recipe -> tokenized sources: curated inputs, decontamination, instruction rendering, epoch checks, reports.
 
-What `midtrain run` (through `train.run._tokenize_all`) and `midtrain data inspect` share. Reports go to
+What `midtrain run` (through `midtrain.run.setup.tokenize_all`) and `midtrain data inspect` share. Reports go to
 `RUN/data/` (CONTRACTS §5): `tokenize.json` (per source: documents, tokens, skipped records with file:line examples)
 and `decontamination.json` (per source and benchmark: documents hit, n-grams matched, examples).
 """
@@ -20,18 +20,19 @@ from midtrain.data.instruct import InstructionFormat, add_special_tokens
 from midtrain.data.mixture import bucket_of, source_buckets
 from midtrain.data.tokenize import TokenizedSource, default_cache_dir, tokenize_source
 from midtrain.io import write_json_atomic
+from midtrain.layout import RunLayout
 
 log = logging.getLogger("midtrain")
 
 
-def run_dir_of(recipe: Recipe) -> Path:
-    return Path(recipe.run_dir) if recipe.run_dir is not None else Path("runs") / "recipe"
+def run_layout(recipe: Recipe) -> RunLayout:
+    return RunLayout(recipe.run_dir if recipe.run_dir is not None else Path("runs") / "recipe")
 
 
 def curated_dir(recipe: Recipe) -> Path:
     """Where `midtrain data curate` writes curated jsonl.gz, one directory per source."""
     c = recipe.curation
-    return Path(c.output) if c is not None and c.output is not None else run_dir_of(recipe) / "data" / "curated"
+    return Path(c.output) if c is not None and c.output is not None else run_layout(recipe).curated
 
 
 def curated_sources(recipe: Recipe) -> list[str]:
@@ -88,8 +89,10 @@ def tokenize_recipe_sources(recipe: Recipe, tokenizer, *, cache_dir: Path | None
 
 
 def write_reports(sources: list[TokenizedSource], report_dir: Path) -> None:
+    """`report_dir` is a run's data/ directory (RunLayout.data)."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(report_dir / "tokenize.json", {
+    layout = RunLayout(report_dir.parent)
+    write_json_atomic(layout.tokenize_report, {
         s.name: {"cache": str(s.directory), "path": s.meta["path"], "n_docs": s.n_docs, "n_tokens": s.n_tokens,
                  "loss_tokens": s.meta.get("loss_tokens", s.n_tokens), "holdout": s.meta["holdout"],
                  "skips": s.skips.to_dict()}
@@ -97,7 +100,7 @@ def write_reports(sources: list[TokenizedSource], report_dir: Path) -> None:
     })
     decon = {s.name: s.meta["decontamination"] for s in sources if s.meta.get("decontamination")}
     if decon:
-        write_json_atomic(report_dir / "decontamination.json", decon)
+        write_json_atomic(layout.decontamination_report, decon)
 
 
 @dataclass

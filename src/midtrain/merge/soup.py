@@ -9,7 +9,6 @@ a tokenizer; anything else is a clear error that names the differing field, tens
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from midtrain.io import fsync_dir, fsync_tree, sha256_file
+from midtrain.io import publish_dir, sha256_file
 
 # Config keys that may differ between checkpoints of one architecture (bookkeeping, not shape or semantics).
 _CONFIG_BOOKKEEPING = {"_name_or_path", "transformers_version", "use_cache", "dtype", "torch_dtype"}
@@ -105,10 +104,14 @@ def merge_checkpoints(
             diff = sorted(names ^ set(loc))
             raise MergeError(f"parameter names differ between {ckpts[0]} and {c}: e.g. {diff[:3]}")
 
-    out = Path(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    def write(tmp: Path) -> None:
+        _write_soup(ckpts, layout, locations, w, tmp)
+
+    return publish_dir(Path(out), write)
+
+
+def _write_soup(ckpts: list[Path], layout: dict, locations: list[dict], w: list[float], tmp: Path) -> None:
+    """The weighted mean of `ckpts`, shard by shard in fp32, plus the first one's config and tokenizer, into tmp."""
     for shard, shard_names in layout.items():
         merged: dict[str, torch.Tensor] = {}
         for name in shard_names:
@@ -135,12 +138,3 @@ def merge_checkpoints(
             shutil.copy2(ckpts[0] / name, tmp / name)
     provenance = {"merged_from": [str(c) for c in ckpts], "weights": w}
     (tmp / "midtrain.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    fsync_tree(tmp)
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return out

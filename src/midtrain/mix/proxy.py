@@ -23,12 +23,11 @@ from typing import Any
 import yaml
 
 from midtrain.config import Recipe, load_recipe
+from midtrain.config.base_ref import BaseRef
+from midtrain.eval.keys import MetricKey
 from midtrain.io import write_json_atomic, write_text_atomic
+from midtrain.layout import ProxyLayout, RunLayout
 from midtrain.plan import build_plan
-
-RESULT = "result.json"
-RECIPE = "recipe.yaml"
-LOG = "log.txt"
 
 
 class MixError(Exception):
@@ -48,15 +47,17 @@ def stage_index(recipe: Recipe, name: str, where: str | Path) -> int:
 
 
 def higher_is_better(metric: str) -> bool:
-    """Losses and perplexities fall as a model improves; accuracies and recalls rise."""
-    return metric.split("@")[0].split(".")[0] not in ("loss", "ppl")
+    """Losses and perplexities fall as a model improves; accuracies and recalls rise (a name that is not a metric
+    key counts as a score)."""
+    key = MetricKey.try_parse(metric)
+    return key is None or not key.lower_is_better
 
 
 def stage_start(recipe: Recipe, index: int, start: str | None = None) -> str:
     """The `base:` a proxy of stage `index` starts from: `start` when given (a local HF dir or `preset:NAME`), else
     what the stage itself starts from: the recipe's base (first stage) or the previous stage's HF export."""
     if start:
-        if start.startswith(("preset:", "hub:")):
+        if BaseRef.parse(start).kind != "path":
             return start
         path = Path(start).resolve()
         if not (path / "config.json").is_file():
@@ -65,8 +66,8 @@ def stage_start(recipe: Recipe, index: int, start: str | None = None) -> str:
     if index == 0:
         return recipe.base
     previous = recipe.stages[index - 1].name
-    export = Path(recipe.run_dir) / "stages" / previous / "hf"
-    if not (export / "midtrain.json").is_file():
+    export = RunLayout(recipe.run_dir).stage(previous).export
+    if not RunLayout(recipe.run_dir).stage(previous).export_info.is_file():
         raise MixError(
             f"stage {recipe.stages[index].name!r} starts from stage {previous!r}'s export {export}, which does not "
             f"exist yet: run the recipe through {previous!r} first (`midtrain run RECIPE`), or pass "
@@ -97,7 +98,7 @@ def derive_recipe(recipe: Recipe, index: int, *, mixture: dict[str, float], toke
     if index == 0 and start == recipe.base:
         stage["init"] = recipe.stage_init(0)
     else:
-        stage["init"] = "scratch" if start.startswith("preset:") else "weights"
+        stage["init"] = "scratch" if BaseRef.parse(start).is_preset else "weights"
     stage["data"]["mixture"] = {k: float(v) for k, v in mixture.items() if v > 0}
     stage["data"]["replay"] = None  # already folded into the effective mixture the proxies perturb
     stage["gate"] = {}  # a proxy reports; it never stops on a gate
@@ -128,7 +129,7 @@ class Proxy:
 
     @property
     def result_file(self) -> Path:
-        return self.dir / RESULT
+        return ProxyLayout(self.dir).result
 
     @property
     def done(self) -> bool:
@@ -140,11 +141,11 @@ class Proxy:
     def prepare(self) -> None:
         """Writes the proxy's recipe; refuses a directory that holds a proxy of other settings."""
         text = yaml.safe_dump(self.recipe, sort_keys=False, allow_unicode=True)
-        path = self.dir / RECIPE
+        path = ProxyLayout(self.dir).recipe
         if path.is_file() and path.read_text() != text:
-            if self.done or (self.dir / "run").exists():
-                raise MixRunError(f"{self.dir} holds a proxy trained with other settings (see its {RECIPE}); use a new "
-                               "--out, or delete that directory to train it again")
+            if self.done or ProxyLayout(self.dir).run.root.exists():
+                raise MixRunError(f"{self.dir} holds a proxy trained with other settings (see its {path.name}); use a "
+                                  "new --out, or delete that directory to train it again")
         self.dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, text)
 
@@ -152,22 +153,23 @@ class Proxy:
 def train_proxy(proxy_dir: Path, stage: str, *, keep_models: bool = False, console=None) -> dict[str, Any]:
     """Trains (or resumes) the proxy in `proxy_dir` and writes its result.json; returns the result."""
     from midtrain.data import DataError
+    from midtrain.run import RunError, RunOptions, run
     from midtrain.train import checkpoint
-    from midtrain.train.run import RunError, RunOptions, run
     from midtrain.train.runlock import RunLockError
 
-    result_file = proxy_dir / RESULT
+    files = ProxyLayout(proxy_dir)
+    result_file = files.result
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    recipe = load_recipe(proxy_dir / RECIPE)
+    recipe = load_recipe(files.recipe)
     t0 = time.time()
     try:
         run(recipe, RunOptions(progress=False, console=console))
     except (RunError, RunLockError, DataError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as exc:
-        raise MixRunError(f"proxy {proxy_dir} failed: {exc} (log: {proxy_dir / LOG})") from None
-    run_dir = Path(recipe.run_dir)
-    after = json.loads((run_dir / "eval" / f"{stage}.json").read_text())
-    before_file = run_dir / "eval" / f"{stage}-before.json"
+        raise MixRunError(f"proxy {proxy_dir} failed: {exc} (log: {files.log})") from None
+    layout = RunLayout(recipe.run_dir)
+    after = json.loads(layout.stage(stage).eval_after.read_text())
+    before_file = layout.stage(stage).eval_before
     before = json.loads(before_file.read_text())["metrics"] if before_file.is_file() else {}
     stage_cfg = recipe.stages[0]
     result = {
@@ -182,8 +184,8 @@ def train_proxy(proxy_dir: Path, stage: str, *, keep_models: bool = False, conso
     }
     write_json_atomic(result_file, result)
     if not keep_models:  # proxies are many: keep what they measured, not their weights
-        for sub in ("checkpoints", "stages"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
+        for weights in layout.weight_dirs:
+            shutil.rmtree(weights, ignore_errors=True)
     return result
 
 
@@ -193,7 +195,7 @@ def _train_in_worker(proxy_dir: str, stage: str, threads: int, keep_models: bool
 
     torch.set_num_threads(threads)
     path = Path(proxy_dir)
-    with open(path / LOG, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+    with open(ProxyLayout(path).log, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         return train_proxy(path, stage, keep_models=keep_models)
 
 
@@ -227,7 +229,7 @@ def run_proxies(proxies: Sequence[Proxy], *, workers: int = 1, threads: int | No
         torch.set_num_threads(threads)
         try:
             for proxy in pending:
-                with open(proxy.dir / LOG, "a") as fh:
+                with open(ProxyLayout(proxy.dir).log, "a") as fh:
                     result = train_proxy(proxy.dir, proxy.stage, keep_models=keep_models,
                                          console=Console(file=fh, width=160))
                 if on_done:
@@ -240,9 +242,9 @@ def run_proxies(proxies: Sequence[Proxy], *, workers: int = 1, threads: int | No
 def _tokenize_once(proxy: Proxy) -> None:
     from midtrain.data import default_cache_dir
     from midtrain.data.prepare import apply_special_tokens, tokenize_recipe_sources
-    from midtrain.train.run import resolve_tokenizer
+    from midtrain.run import resolve_tokenizer
 
-    recipe = load_recipe(proxy.dir / RECIPE)
+    recipe = load_recipe(ProxyLayout(proxy.dir).recipe)
     tokenizer = resolve_tokenizer(recipe)
     apply_special_tokens(recipe, tokenizer)
     tokenize_recipe_sources(recipe, tokenizer, cache_dir=default_cache_dir())
@@ -255,5 +257,5 @@ def metric_of(result: dict[str, Any], metric: str, where: Path) -> float:
         raise MixRunError(f"{where}: its eval has no metric {metric!r} (it has: {known})")
     value = float(value)
     if not math.isfinite(value):
-        raise MixRunError(f"{where}: {metric} is {value} (the proxy diverged? see {where.parent / LOG})")
+        raise MixRunError(f"{where}: {metric} is {value} (the proxy diverged? see {ProxyLayout(where.parent).log})")
     return value

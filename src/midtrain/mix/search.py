@@ -27,7 +27,9 @@ import yaml
 
 from midtrain.config import Recipe
 from midtrain.eval.gates import metric_problem
+from midtrain.eval.keys import DOMAIN_TASKS, MetricKey
 from midtrain.io import write_json_atomic, write_text_atomic
+from midtrain.layout import ProxyLayout
 from midtrain.mix.proxy import (
     MixError,
     MixRunError,
@@ -80,8 +82,9 @@ class SearchConfig:
 
 def eval_tasks_for(target: str, stage_tasks: Sequence[str]) -> list[str]:
     """Proxies evaluate only what the target needs: the held-out loss, or the stage's own task list."""
-    head = target.split("@")[0].split(".")[0]
-    return ["loss"] if head in ("loss", "ppl") and "@" not in target else list(stage_tasks)
+    key = MetricKey.try_parse(target)  # a malformed target is reported by check_target's metric_problem
+    held_out_loss = key is not None and key.task in DOMAIN_TASKS and key.length is None
+    return ["loss"] if held_out_loss else list(stage_tasks)
 
 
 def check_target(recipe: Recipe, index: int, target: str) -> None:
@@ -145,7 +148,7 @@ def run_search(recipe: Recipe, recipe_file: Path, cfg: SearchConfig, out: Path,
 
     def proxy(directory: Path, w: Sequence[float], seed: int | None = None) -> Proxy:
         mixture = {n: round(float(x), 6) for n, x in zip(names, w)}
-        data = derive_recipe(recipe, index, mixture=mixture, tokens=tokens, run_dir=directory / "run",
+        data = derive_recipe(recipe, index, mixture=mixture, tokens=tokens, run_dir=ProxyLayout(directory).run.root,
                              start=start, seed=seed, tasks=tasks)
         return Proxy(directory, cfg.stage, data)
 

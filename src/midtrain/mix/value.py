@@ -24,6 +24,7 @@ import yaml
 from midtrain.config import Recipe
 from midtrain.config.recipe import NAME_RE
 from midtrain.io import write_json_atomic
+from midtrain.layout import ProxyLayout
 from midtrain.mix.proxy import MixError, Proxy, derive_recipe, higher_is_better, run_proxies, stage_index, stage_start
 from midtrain.plan import build_plan
 
@@ -119,7 +120,7 @@ def run_value(recipe: Recipe, recipe_file: Path, cfg: ValueConfig, out: Path,
             data = derive_recipe(recipe, index, mixture=mixture, tokens=tokens, run_dir=Path("."), start=start,
                                  seed=seed, extra_sources=extra)
             directory = out / "runs" / f"{label[arm]}-seed{seed}-{_fingerprint(data)}"
-            data["run_dir"] = str((directory / "run").resolve())
+            data["run_dir"] = str(ProxyLayout(directory).run.root.resolve())
             runs.append((arm, seed, Proxy(directory, cfg.stage, data)))
     emit = on_event or (lambda kind, info: None)
     emit("start", {"total": len(runs), "done": sum(p.done for *_, p in runs), "phase": "anneals"})

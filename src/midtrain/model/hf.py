@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -18,7 +17,7 @@ from transformers import (
 )
 
 from midtrain import faults
-from midtrain.io import fsync_dir, fsync_tree
+from midtrain.io import publish_dir
 from midtrain.model.presets import check_rope_support
 
 _WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
@@ -130,16 +129,15 @@ def save_hf_checkpoint(
     *,
     extra: dict | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Export a loadable HF checkpoint (fp32 safetensors, config, generation config, tokenizer) atomically.
 
     Written into `out_dir.tmp-<pid>`, fsynced, then renamed over `out_dir`, so readers see the old export or the
     new one, never a partial one. `state_dict` overrides the model's own (e.g. a gathered FSDP full state dict).
-    `extra` is written as `midtrain.json`. The model's config is left as it was. Call on one rank only.
+    `extra` is written as `midtrain.json`, `extra_tensors` ({file name: tensors}) as further safetensors files
+    (e.g. a round-trip probe). The model's config is left as it was. Call on one rank only.
     """
-    out = Path(out_dir)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
     inner = unwrap_model(model)
     config = inner.config
 
@@ -147,31 +145,24 @@ def save_hf_checkpoint(
         state_dict = inner.state_dict()
     state_dict = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state_dict.items()}
 
-    for stale in out.parent.glob(f"{out.name}.tmp-*") if out.parent.is_dir() else []:
-        shutil.rmtree(stale, ignore_errors=True)  # leftovers of crashed exports (one writer per run dir: the lock)
-    tmp.mkdir(parents=True)
-    saved = {k: getattr(config, k, None) for k in ("use_cache", "dtype", "architectures")}
-    try:
-        config.use_cache = True  # users' generate() of the export should use the KV cache
-        inner.save_pretrained(tmp, state_dict=state_dict)
-    finally:
-        for k, v in saved.items():  # save_pretrained writes dtype/architectures into the live config
-            setattr(config, k, v)
-    _patch_json(tmp / "config.json", {"use_cache": True, "dtype": "float32"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if extra is not None:
-        (tmp / "midtrain.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
-    fsync_tree(tmp)
-    faults.point("export.mid_write")  # test-only: export complete in its temp dir, not yet in place
+    def write(tmp: Path) -> None:
+        saved = {k: getattr(config, k, None) for k in ("use_cache", "dtype", "architectures")}
+        try:
+            config.use_cache = True  # users' generate() of the export should use the KV cache
+            inner.save_pretrained(tmp, state_dict=state_dict)
+        finally:
+            for k, v in saved.items():  # save_pretrained writes dtype/architectures into the live config
+                setattr(config, k, v)
+        _patch_json(tmp / "config.json", {"use_cache": True, "dtype": "float32"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "midtrain.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+        for name, tensors in (extra_tensors or {}).items():
+            save_file(tensors, str(tmp / name))
+        faults.point("export.mid_write")  # test-only: export complete in its temp dir, not yet in place
 
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    return publish_dir(Path(out_dir), write)
 
 
 def _patch_json(path: Path, values: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from midtrain.io import write_text_atomic
+from midtrain.layout import RunLayout
 from midtrain.report import plots
 
 
@@ -22,8 +23,8 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+def _rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl (a run's or a seed branch's)."""
     if not path.is_file():
         return []
     rows = []
@@ -101,13 +102,14 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run dir {run_dir} does not exist")
-    plan = _read_json(run_dir / "plan.json") or {"stages": []}
+    layout = RunLayout(run_dir)
+    plan = _read_json(layout.plan) or {"stages": []}
     stages = plan.get("stages", [])
-    rows = _rows(run_dir)
-    plot_dir = run_dir / "plots"
+    rows = _rows(layout.metrics)
+    plot_dir = layout.plots
     plot_dir.mkdir(exist_ok=True)
-    evals = {st["name"]: (_read_json(run_dir / "eval" / f"{st['name']}-before.json"),
-                          _read_json(run_dir / "eval" / f"{st['name']}.json")) for st in stages}
+    evals = {st["name"]: (_read_json(layout.stage(st["name"]).eval_before),
+                          _read_json(layout.stage(st["name"]).eval_after)) for st in stages}
 
     doc = _Doc(f"midtrain report: {run_dir.name}")
     doc.para(f"{len(stages)} stage(s), {sum(s['tokens'] for s in stages):,} planned tokens; "
@@ -122,7 +124,8 @@ def write_report(run_dir: str | Path) -> Path:
     doc.image(plots.loss_curves(rows, stages, plot_dir / "loss.png"), run_dir, "loss per domain over tokens")
     doc.image(plots.lr_and_mixture(rows, stages, plot_dir / "lr_mixture.png"), run_dir,
               "learning rate and mixture shares over tokens")
-    gns_series = {"run": rows, **{f"{d.parent.name} {d.name}": _rows(d) for d in _branch_dirs(run_dir, stages)}}
+    branches = [layout.branch(st["name"], seed) for st in stages for seed in layout.branch_seeds(st["name"])]
+    gns_series = {"run": rows, **{f"{b.name} {b.dir.name}": _rows(b.metrics) for b in branches}}
     doc.image(plots.gradient_noise_scale(gns_series, stages, plot_dir / "gns.png"), run_dir,
               "gradient noise scale B_simple over tokens")
     doc.image(plots.throughput(rows, stages, plot_dir / "throughput.png"), run_dir, "tokens/s and MFU over tokens")
@@ -174,11 +177,11 @@ def write_report(run_dir: str | Path) -> Path:
     doc.image(plots.task_bars(pairs, plot_dir / "tasks.png"), run_dir, "task scores before and after each stage")
 
     _data_section(doc, run_dir)
-    write_text_atomic(run_dir / "report.md", "\n".join(doc.md) + "\n")
+    write_text_atomic(layout.report_md, "\n".join(doc.md) + "\n")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>midtrain report: {html.escape(run_dir.name)}"
             f"</title><style>{_CSS}</style></head><body>" + "\n".join(doc.html) + _IMAGE_CHECK + "</body></html>\n")
-    write_text_atomic(run_dir / "report.html", page)
-    return run_dir / "report.html"
+    write_text_atomic(layout.report_html, page)
+    return layout.report_html
 
 
 def _throughput_table(doc: _Doc, rows: list[dict], stages: list[dict]) -> None:
@@ -236,7 +239,8 @@ def _safe(label: str) -> str:
 
 def _data_section(doc: _Doc, run_dir: Path) -> None:
     """Curation/decontamination/tokenization summaries written under RUN/data by the data pipeline, if any."""
-    files = sorted((run_dir / "data").glob("*.json")) if (run_dir / "data").is_dir() else []
+    data_dir = RunLayout(run_dir).data
+    files = sorted(data_dir.glob("*.json")) if data_dir.is_dir() else []
     if not files:
         return
     doc.heading("Data")
@@ -268,13 +272,6 @@ def _faults_section(doc: _Doc, rows: list[dict]) -> None:
                for r in faults])
 
 
-def _branch_dirs(run_dir: Path, stages: list[dict]) -> list[Path]:
-    """`stages/<stage>/seed-<k>/` of souped stages, in stage then seed order."""
-    out = []
-    for st in stages:
-        found = (run_dir / "stages" / st["name"]).glob("seed-*")
-        out += sorted((d for d in found if d.name[5:].isdigit()), key=lambda d: int(d.name[5:]))
-    return out
 
 
 def _variants_section(doc: _Doc, run_dir: Path, stages: list[dict], evals: dict) -> None:
@@ -283,18 +280,20 @@ def _variants_section(doc: _Doc, run_dir: Path, stages: list[dict], evals: dict)
     for st in stages:
         name, after = st["name"], evals[st["name"]][1]
         columns: dict[str, dict] = {}
-        for d in _branch_dirs(run_dir, [st]):
-            for file, label in (("eval.json", d.name), ("eval.raw.json", f"{d.name} raw")):
-                record = _read_json(d / file)
+        layout = RunLayout(run_dir)
+        for seed in layout.branch_seeds(name):
+            branch = layout.branch(name, seed)
+            for file, label in ((branch.eval_after, branch.dir.name), (branch.eval_raw, f"{branch.dir.name} raw")):
+                record = _read_json(file)
                 if record:
                     columns[label] = record.get("metrics", {})
-        raw = _read_json(run_dir / "eval" / f"{name}.raw.json")
+        raw = _read_json(layout.stage(name).eval_raw)
         if raw:
             columns["raw (not averaged)"] = raw.get("metrics", {})
         if not columns or not after:
             continue
         final = after.get("metrics", {})
-        label = "soup" if any(k.startswith("seed-") for k in columns) else "averaged"
+        label = "soup" if layout.branch_seeds(name) else "averaged"
         doc.heading(f"Stage {name}: {label} vs its parts")
         keys = sorted({*final, *(k for m in columns.values() for k in m)})
         doc.table(["metric", label, *columns], [[k, _fmt(final.get(k)), *(_fmt(m.get(k)) for m in columns.values())]

@@ -23,16 +23,11 @@ from midtrain.plan import StagePlan
 from midtrain.train.trainer import Callback, Trainer
 
 FILE = "average.safetensors"
-RAW_EXPORT = "hf-raw"
 
 
 def start_tokens(config: AverageConfig, stage: StagePlan) -> float:
     """Stage tokens from which steps are averaged: a step taken after >= this many tokens counts."""
     return stage.schedule.decay_start_tokens if config.start == "decay" else float(config.start)
-
-
-def raw_export_dir(export_dir: Path) -> Path:
-    return export_dir.with_name(RAW_EXPORT)
 
 
 def _unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -70,17 +65,24 @@ class WeightAverager(Callback):
         weight = 1.0 / self.count if self.kind == "tail" else 1.0 - self.decay  # running mean / EMA
         torch._foreach_lerp_([self.shadow[n] for n, _ in params], current, weight)
 
-    # ---- checkpoint / export ----
-    def state(self) -> dict:
+    # ---- checkpoint / export (a midtrain.train.state.CheckpointPart) ----
+    key = "average"
+
+    def checkpoint_state(self) -> dict:
         """For trainer.json: what the shadow file means."""
         return {"kind": self.kind, "decay": self.decay, "start_tokens": self.start, "count": self.count}
 
+    def checkpoint_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The shadow as CPU fp32 tensors in its own file (nothing before the first averaged step)."""
+        return {FILE: self.tensors()} if self.count else {}
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The shadow as CPU fp32 tensors for the checkpoint (empty before the first averaged step)."""
+        """The shadow as CPU fp32 tensors (empty before the first averaged step)."""
         return {n: t.detach().to("cpu").contiguous() for n, t in (self.shadow or {}).items()}
 
-    def load(self, checkpoint: Path, model: nn.Module, state: dict | None) -> None:
-        """Restores the shadow saved in `checkpoint` (none before the first averaged step)."""
+    def restore(self, checkpoint: Path, model: nn.Module, state: dict | None) -> None:
+        """Restores the shadow saved in `checkpoint` (none before the first averaged step): on resume, and when a
+        step-guard roll-back goes back to it."""
         self.count = int((state or {}).get("count", 0))
         file = checkpoint / FILE
         if self.count == 0 or not file.is_file():
@@ -89,10 +91,6 @@ class WeightAverager(Callback):
         saved = load_file(str(file))
         self.shadow = {n: saved[n].to("cpu" if self.on_cpu else p.device, torch.float32)
                        for n, p in _unique_params(model)}
-
-    def on_restore(self, trainer: Trainer, checkpoint: Path, saved: dict) -> None:
-        """The trainer went back to `checkpoint` (e.g. a step-guard roll-back): so does the average."""
-        self.load(checkpoint, trainer.model, saved.get("average"))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 import re
 import resource
@@ -31,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from midtrain import faults
-from midtrain.io import fsync_dir, fsync_tree, sha256_file
+from midtrain.io import publish_dir, sha256_file
 from midtrain.train.distributed import barrier
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE, RNG_FILE, MANIFEST = (
@@ -106,11 +105,8 @@ def save_checkpoint(
     optim = optimizer_state(model, optimizer) if optimizer is not None else None
     final = root / f"step-{global_step}"
     if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f"step-{global_step}.tmp-{os.getpid()}"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+
+        def write(tmp: Path) -> None:
             save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
             if optim is not None:
                 torch.save(optim, tmp / OPTIM_FILE)
@@ -121,15 +117,14 @@ def save_checkpoint(
             for name, tensors in (extra_tensors or {}).items():
                 save_file(tensors, str(tmp / name), metadata={"format": "pt"})
             write_manifest(tmp, global_step)
-            fsync_tree(tmp)
-        except (OSError, RuntimeError, SafetensorError) as exc:  # torch/safetensors report ENOSPC as their own
-            message = _save_failed(exc, root, tmp, global_step)  # errors; the previous checkpoint is untouched
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(message) from None
-        if final.exists():  # a re-run that reached the same step: the new one replaces it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
+
+        def failed(exc: BaseException, tmp: Path) -> CheckpointError | None:
+            # torch/safetensors report ENOSPC as their own errors; the previous checkpoint is untouched
+            if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+                return CheckpointError(_save_failed(exc, root, tmp, global_step))
+            return None
+
+        publish_dir(final, write, failed=failed)  # a re-run that reached the same step: the new one replaces it
         prune(root, keep_last, protect=(*protect, global_step))
     barrier()
     return final

@@ -54,11 +54,6 @@ def init_distributed(mode: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -69,15 +64,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def broadcast_object(obj: object) -> object:
-    """Rank 0's value on every rank (no-op at world size 1)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -46,7 +46,19 @@ class GradientNoiseScale(Callback):
         self._micro_seen = 0
         self._warned = False
 
-    # ---- state (checkpointed in trainer.json: a resumed run continues the same EMAs) ----
+    # ---- state (checkpointed in trainer.json: a resumed run continues the same EMAs; a CheckpointPart) ----
+    key = "gns"
+
+    def checkpoint_state(self) -> dict:
+        return self.state_dict()
+
+    def checkpoint_tensors(self) -> dict:
+        return {}
+
+    def restore(self, checkpoint, model, state: dict | None) -> None:
+        """On resume, and when a step-guard roll-back goes back to `checkpoint`: continue the EMAs saved there."""
+        self.load_state_dict(state)
+
     def state_dict(self) -> dict:
         return {"ema_g2": self.ema_g2, "ema_tr_sigma": self.ema_tr_sigma, "measurements": self.measurements}
 
@@ -54,10 +66,6 @@ class GradientNoiseScale(Callback):
         state = state or {}
         self.ema_g2, self.ema_tr_sigma = state.get("ema_g2"), state.get("ema_tr_sigma")
         self.measurements = int(state.get("measurements", 0))
-
-    def on_restore(self, trainer: Trainer, checkpoint, saved: dict) -> None:
-        """The trainer went back to `checkpoint` (e.g. a step-guard roll-back): continue the EMAs saved there."""
-        self.load_state_dict(saved.get("gns"))
 
     @property
     def b_simple(self) -> float:

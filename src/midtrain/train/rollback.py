@@ -12,20 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from midtrain.data.loader import PackedLoader
-from midtrain.model import unwrap_model
+from midtrain.data.loader import PackedLoader, ReadPosition
 from midtrain.train import checkpoint as ckpt
 from midtrain.train.callbacks import MetricsWriter, truncate_metrics
 from midtrain.train.distributed import DistInfo
-from midtrain.train.trainer import Callback, StepSource, Trainer, TrainerState
+from midtrain.train.state import Saved, TrainingState
+from midtrain.train.trainer import Callback, StepSource, Trainer
 
 
 class RollbackError(RuntimeError):
     """Faults keep coming back after `max_rollbacks` roll-backs: the run stops rather than loop."""
-
-
-def _position(c: dict) -> tuple[int, int]:
-    return int(c["epoch"]), int(c["cursor"])
 
 
 class DocumentLedger(Callback):
@@ -36,12 +32,12 @@ class DocumentLedger(Callback):
 
     def __init__(self, inner: StepSource, loader: PackedLoader):
         self.inner, self.loader = inner, loader
-        self.span: tuple[dict, dict] | None = None
+        self.span: tuple[dict[str, ReadPosition], dict[str, ReadPosition]] | None = None
 
     def next_step(self):
-        before = self.loader.source_cursors()
+        before = self.loader.read_positions()
         steps = self.inner.next_step()
-        self.span = (before, self.loader.source_cursors())
+        self.span = (before, self.loader.read_positions())
         return steps
 
     def last_documents(self) -> dict[str, list[int]]:
@@ -52,11 +48,10 @@ class DocumentLedger(Callback):
         out: dict[str, list[int]] = {}
         for i, source in enumerate(self.loader.sources):
             b, a = before[source.name], after[source.name]
-            n = max(1, int(a["n_docs"]))
-            lo = _position(b)[0] * n + _position(b)[1]
-            hi = _position(a)[0] * n + _position(a)[1]
+            n = max(1, a.n_docs)
+            lo, hi = b.index, a.index
             positions = list(range(lo, hi))
-            if int(a["offset"]) and (hi != lo or a["offset"] != b["offset"]):
+            if a.offset and (hi != lo or a.offset != b.offset):
                 positions.append(hi)  # a document cut by the batch's end
             docs = [int(self.loader.permutation(i, p // n)[p % n]) for p in positions]
             if docs:
@@ -71,9 +66,9 @@ class DocumentLedger(Callback):
 class Rollback:
     """`Trainer.on_fault` for `step_guard.on_fault: rollback`; returns True when it restored a checkpoint."""
 
-    def __init__(self, ckpt_root: Path, loader: PackedLoader, ledger: DocumentLedger, metrics: MetricsWriter,
+    def __init__(self, ckpt_root: Path, state: TrainingState, ledger: DocumentLedger, metrics: MetricsWriter,
                  dist: DistInfo, stage: str, max_rollbacks: int):
-        self.root, self.loader, self.ledger, self.metrics = ckpt_root, loader, ledger, metrics
+        self.root, self.state, self.ledger, self.metrics = ckpt_root, state, ledger, metrics
         self.dist, self.stage, self.max_rollbacks = dist, stage, max_rollbacks
         self.count = 0
 
@@ -91,25 +86,11 @@ class Rollback:
             raise RollbackError(f"stage {self.stage!r}: step {fault_step} {reason} after {self.count} roll-backs "
                                 f"(step_guard.max_rollbacks); the run stops at its last checkpoint {good}")
         self.count += 1
-        saved = ckpt.read_trainer_state(good)
-        model = trainer.model if self.dist.world_size > 1 else unwrap_model(trainer.model)
-        ckpt.load_weights(good, model)
-        ckpt.load_optimizer(good, trainer.model, trainer.optimizer)
-        ckpt.load_rng(good)
-        self.loader.load_state_dict(saved["loader"])
-        trainer.state = TrainerState(**saved["trainer"])
+        trainer.state = self.state.restore(Saved.read(good))  # monitors and weight averages rewind too
         trainer.forced_skips = {**trainer.forced_skips, fault_step: "rollback"}
-        for cb in trainer.callbacks:  # monitors and weight averages rewind with the weights
-            if hasattr(cb, "on_restore"):
-                cb.on_restore(trainer, good, saved)
         if self.dist.is_main:
             truncate_metrics(self.metrics.path, trainer.state.global_step)
         self.metrics.write({**row, "step": trainer.state.global_step, "tokens": trainer.state.global_tokens,
                             "to_step": trainer.state.global_step, "checkpoint": str(good),
                             "rejected_checkpoints": problems})
         return True
-
-
-def forced_skips_of(saved: dict) -> dict[int, str]:
-    """The batches earlier roll-backs marked, as a checkpoint's trainer.json records them."""
-    return {int(k): v for k, v in saved.get("forced_skips", {}).items()}

@@ -12,7 +12,7 @@ import socket
 import time
 from pathlib import Path
 
-LOCK_NAME = ".midtrain.lock"
+from midtrain.layout import RunLayout
 
 
 class RunLockError(RuntimeError):
@@ -31,7 +31,7 @@ def _alive(pid: int) -> bool:
 
 class RunLock:
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_NAME
+        self.path = RunLayout(run_dir).lock
         self.took_over: dict | None = None  # the stale owner replaced, for the caller to report
 
     def __enter__(self) -> RunLock:

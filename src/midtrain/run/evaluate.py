@@ -16,9 +16,14 @@ from midtrain.eval.gates import ConditionResult, evaluate_gate
 from midtrain.eval.heldout import heldout_metrics
 from midtrain.eval.suite import EvalSpec, evaluate
 from midtrain.io import write_json_atomic
+from midtrain.layout import RunLayout
 from midtrain.model import forward_packed, load_model
 from midtrain.model.head import resolve_loss_chunk_tokens
+from midtrain.plan import StagePlan
+from midtrain.run.context import RunContext
+from midtrain.run.setup import heldout_batches, initial_model
 from midtrain.train.distributed import barrier
+from midtrain.train.trainer import TrainerState
 
 EXIT_GATE = 3  # `midtrain run` exit code when a stage fails its gate (docs/CONTRACTS.md §4.1)
 
@@ -37,19 +42,19 @@ class GateFailed(Exception):
         )
 
 
-def eval_spec(ctx, stage) -> EvalSpec:
+def eval_spec(ctx: RunContext, stage: StagePlan) -> EvalSpec:
     return EvalSpec.from_config(ctx.recipe.stages[stage.index].eval, seed=ctx.recipe.seed)
 
 
-def heldout_documents(ctx, stage) -> list:
+def heldout_documents(ctx: RunContext, stage: StagePlan) -> list:
     max_docs = ctx.recipe.stages[stage.index].eval.max_docs
     return [d for s in ctx.sources for d in s.holdout_docs()[:max_docs]]
 
 
-def evaluate_stage(ctx, stage, model, batches, when: str, step: int, tokens: int, source: str,
-                   export_dir: Path | None = None) -> None:
-    """Writes eval/<stage>[-before].json. Collective (held-out loss); `export_dir` is evaluated instead of `model`
-    for the generated tasks when given (rank 0 loads it)."""
+def evaluate_stage(ctx: RunContext, stage: StagePlan, model, batches, when: str, state: TrainerState, source: str,
+                   out: Path, export_dir: Path | None = None) -> None:
+    """Writes `out` (eval/<stage>[-before].json, or a branch's eval.json). Collective (held-out loss); `export_dir`
+    is evaluated instead of `model` for the generated tasks when given (rank 0 loads it)."""
     spec = eval_spec(ctx, stage)
     metrics: dict[str, float] = {}
     if "loss" in spec.tasks and batches:
@@ -66,34 +71,47 @@ def evaluate_stage(ctx, stage, model, batches, when: str, step: int, tokens: int
     details: dict = {"spec": spec.to_json()}
     if set(spec.tasks) - {"loss"}:
         plain = load_model(export_dir).to(ctx.dist.device) if export_dir is not None else model
-        log = (lambda msg: print_line(ctx, msg)) if ctx.options.progress else None
+        log = ctx.print if ctx.options.progress else None
         more, details = evaluate(plain, ctx.tokenizer, spec, documents=heldout_documents(ctx, stage),
                                  checkpoint_dir=export_dir or (Path(source) if Path(source).is_dir() else None),
                                  precision=ctx.precision, log=log)
         metrics.update(more)
-    out = {"stage": stage.name, "when": when, "step": step, "tokens": tokens, "checkpoint": source,
-           "metrics": dict(sorted(metrics.items())), "details": details}
-    path = ctx.eval_path(stage, when)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, out)
+    record = {"stage": stage.name, "when": when, "step": state.global_step, "tokens": state.global_tokens,
+              "checkpoint": source, "metrics": dict(sorted(metrics.items())), "details": details}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, record)
     barrier()
 
 
-def eval_outdated(ctx, stage) -> bool:
+def eval_outdated(ctx: RunContext, stage: StagePlan) -> bool:
     """True when a finished stage's evals were made with other tasks/lengths than the recipe now asks for."""
     want = eval_spec(ctx, stage).to_json()
     for when in ("before", "after"):
-        path = ctx.eval_path(stage, when)
+        path = ctx.stage_layout(stage).eval(when)
         if not path.is_file() or json.loads(path.read_text()).get("details", {}).get("spec") != want:
             return True
     return False
 
 
-def check_gate(ctx, stage) -> None:
+def reevaluate(ctx: RunContext, stage: StagePlan) -> None:
+    """A finished stage whose recipe now lists other eval tasks/lengths: evaluate its start and end again."""
+    ctx.print(f"stage {stage.name!r}: eval tasks changed; evaluating its start and end checkpoints again")
+    heldout, layout = heldout_batches(ctx, stage), ctx.stage_layout(stage)
+    for when in ("before", "after"):
+        old = json.loads(layout.eval(when).read_text()) if layout.eval(when).is_file() else {}
+        step = old.get("step", stage.first_step if when == "before" else stage.first_step + stage.steps)
+        state = TrainerState(stage_step=0, global_step=step, global_tokens=old.get("tokens", 0))
+        model = initial_model(ctx, stage) if when == "before" else load_model(layout.export)
+        source = old.get("checkpoint", str(layout.export))
+        evaluate_stage(ctx, stage, model.to(ctx.dist.device), heldout, when, state, source, layout.eval(when),
+                       export_dir=layout.export if when == "after" else None)
+
+
+def check_gate(ctx: RunContext, stage: StagePlan) -> None:
     """Evaluates the stage's gate on its recorded evals, records the outcome, raises GateFailed unless it passes or
     is overridden (`--override-gate`, now or in an earlier run)."""
     gate = ctx.recipe.stages[stage.index].gate
-    after_path, before_path = ctx.eval_path(stage, "after"), ctx.eval_path(stage, "before")
+    after_path, before_path = ctx.stage_layout(stage).eval_after, ctx.stage_layout(stage).eval_before
     if not gate or not after_path.is_file():
         return
     record = json.loads(after_path.read_text())
@@ -108,41 +126,28 @@ def check_gate(ctx, stage) -> None:
         record["gate"] = outcome
         write_json_atomic(after_path, record)
     if passed:
-        print_line(ctx, f"stage {stage.name!r} passed its gate: " + "; ".join(r.reason for r in results))
+        ctx.print(f"stage {stage.name!r} passed its gate: " + "; ".join(r.reason for r in results))
     elif overridden:
-        print_line(ctx, f"warning: stage {stage.name!r} failed its gate, overridden (--override-gate): "
+        ctx.print(f"warning: stage {stage.name!r} failed its gate, overridden (--override-gate): "
                    + "; ".join(r.reason for r in results if not r.passed))
     else:
         raise GateFailed(stage.name, results, after_path)
 
 
-def gate_failed_on_record(run_dir: Path, stage_name: str) -> bool:
-    path = run_dir / "eval" / f"{stage_name}.json"
+def gate_failed_on_record(layout: RunLayout, stage_name: str) -> bool:
+    path = layout.stage(stage_name).eval_after
     if not path.is_file():
         return False
     gate = json.loads(path.read_text()).get("gate") or {}
     return gate.get("passed") is False and not gate.get("overridden")
 
 
-def set_aside_failed_attempt(run_dir: Path, stage_name: str) -> int:
+def set_aside_failed_attempt(layout: RunLayout, stage_name: str) -> int:
     """Moves a gate-failed stage's export, checkpoints and evals to `*.gate-failed-<k>`; returns k."""
     k = 1
-    while (run_dir / "eval" / f"{stage_name}.gate-failed-{k}.json").exists():
+    while any(kept.exists() for _, kept in layout.gate_failed_attempt(stage_name, k)):
         k += 1
-    moves = [(run_dir / "stages" / stage_name, run_dir / "stages" / f"{stage_name}.gate-failed-{k}"),
-             (run_dir / "checkpoints" / stage_name, run_dir / "checkpoints" / f"{stage_name}.gate-failed-{k}"),
-             (run_dir / "eval" / f"{stage_name}-before.json", run_dir / "eval" / f"{stage_name}-before.gate-failed-{k}.json"),  # noqa: E501
-             (run_dir / "eval" / f"{stage_name}.json", run_dir / "eval" / f"{stage_name}.gate-failed-{k}.json")]
-    for src, dst in moves:
+    for src, dst in layout.gate_failed_attempt(stage_name, k):
         if src.exists():
             shutil.move(str(src), str(dst))
     return k
-
-
-def print_line(ctx, message: str) -> None:
-    if not ctx.dist.is_main:
-        return
-    if ctx.options.console is not None:
-        ctx.options.console.print(message, markup=False, highlight=False)
-    else:
-        print(message, flush=True)

@@ -15,10 +15,11 @@ import yaml
 from safetensors.torch import load_file
 
 from midtrain.data import PackedLoader, byte_tokenizer, tokenize_source
-from midtrain.train.branches import BranchLoader, branch_starts, furthest_cursors
+from midtrain.data.loader import BranchLoader, furthest_cursors
+from midtrain.run.branches import branch_starts
 
 from ..test_contracts import documented_metric_key
-from .tiny import RECIPE, midtrain, train_rows, write_corpus
+from ..train.tiny import RECIPE, midtrain, train_rows, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_cursor_hand_over_takes_the_furthest_branch_and_skips_a_half_read_docume
 
 
 def test_recipe_checks_for_seeds():
-    from .test_gns import _problems, _recipe
+    from ..train.test_gns import _problems, _recipe
 
     assert any("seeds: needs at least 2 distinct seeds" in p for p in _problems(_recipe(seeds=[1, 1], init="weights")))
     assert any("seeds: branches must share their start weights" in p for p in _problems(_recipe(seeds=[1, 2])))

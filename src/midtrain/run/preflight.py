@@ -1,0 +1,117 @@
+"""Every check of a recipe against its base checkpoint, tokenizer and environment that can be made before training.
+
+`midtrain recipe check` and `midtrain run` both run `preflight`, so a recipe that check passes is not refused by
+run before its first step. All problems come back at once, each naming its field (`stages.long.rope.factor`) or
+option (`--override-gate`); warnings are what the run prints but trains through.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+
+from midtrain.config import Recipe
+from midtrain.context import stage_rope_issues
+from midtrain.model.convert import recipe_conversion_problems
+from midtrain.plan import Plan
+from midtrain.run.context import RunError, RunOptions
+from midtrain.run.setup import base_config, resolve_tokenizer
+
+
+@dataclass(frozen=True)
+class Problem:
+    field: str  # a recipe field path with stages by name, or a command-line option
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+@dataclass
+class Preflight:
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    tokenizer: object | None = None  # loaded on the way; the run reuses it
+
+    def raise_for_problems(self) -> None:
+        if len(self.problems) == 1:
+            raise RunError(str(self.problems[0]))
+        if self.problems:
+            raise RunError(f"{len(self.problems)} problems before training:\n"
+                           + "\n".join(f"  {p}" for p in self.problems))
+
+
+def preflight(recipe: Recipe, plan: Plan, *, world_size: int = 1, device: torch.device | None = None,
+              options: RunOptions | None = None) -> Preflight:
+    """All checks; `device`/`options` are those of a run (None: the recipe alone, as `recipe check` sees it)."""
+    report = Preflight(warnings=list(plan.warnings))
+    options = options or RunOptions()
+    report.problems += optional_logger_problems(options)
+    report.problems += override_gate_problems(options, plan)
+    report.problems += batch_split_problems(recipe, plan, world_size)
+    if device is not None:
+        report.problems += attention_problems(recipe, device)
+    try:
+        report.tokenizer = resolve_tokenizer(recipe)
+    except RunError as exc:
+        report.problems.append(Problem("tokenizer", str(exc)))
+        return report
+    except (OSError, ValueError) as exc:
+        report.problems.append(Problem("tokenizer", f"cannot load the tokenizer: {exc}"))
+        return report
+    if any(stage.rope for stage in recipe.stages) or any(stage.convert for stage in recipe.stages):
+        config = base_config(recipe, report.tokenizer)
+        errors, warnings = rope_problems(recipe, config)
+        report.problems += errors + conversion_problems(recipe, config)
+        report.warnings += [w for w in warnings if w not in report.warnings]
+    return report
+
+
+def optional_logger_problems(options: RunOptions) -> list[Problem]:
+    return [Problem(f"--{module}", f"needs the {module} package: pip install {module}")
+            for wanted, module in ((options.tensorboard, "tensorboard"), (options.wandb, "wandb"))
+            if wanted and importlib.util.find_spec(module) is None]
+
+
+def override_gate_problems(options: RunOptions, plan: Plan) -> list[Problem]:
+    names = [s.name for s in plan.stages]
+    unknown = [name for name in options.override_gates if name not in names]
+    return [Problem("--override-gate", f"{', '.join(unknown)}: no such stage (stages: {names})")] if unknown else []
+
+
+def batch_split_problems(recipe: Recipe, plan: Plan, world_size: int) -> list[Problem]:
+    """Each step's sequences split evenly over the ranks (and into micro-batches): at launch, not hours later."""
+    out = []
+    for stage in plan.stages:
+        micro = recipe.stages[stage.index].batch.micro
+        per_rank, rest = divmod(stage.seqs_per_step, world_size)
+        if rest or (micro and per_rank % micro):
+            out.append(Problem(f"stages.{stage.name}.batch", (
+                f"{stage.seqs_per_step} sequences per step (batch.tokens / seq_len) must split evenly over "
+                f"{world_size} ranks" + (f" into micro-batches of {micro}" if micro else ""))))
+    return out
+
+
+def attention_problems(recipe: Recipe, device: torch.device) -> list[Problem]:
+    if recipe.attention == "flex_attention" and device.type != "cuda":
+        return [Problem("attention", f"flex_attention needs a CUDA device (this run uses {device}); use sdpa")]
+    return []
+
+
+def rope_problems(recipe: Recipe, config) -> tuple[list[Problem], list[str]]:
+    """The stages' RoPE settings against the base's rotary spec (head_dim, base, L0)."""
+    if not any(stage.rope for stage in recipe.stages):
+        return [], []
+    errors, warnings = stage_rope_issues(recipe.stages, config, by_name=True)  # ("stages", name, "rope", key...)
+    return [Problem(".".join(map(str, path)), f"{message} (base model {recipe.base})") for path, message in errors], \
+        warnings
+
+
+def conversion_problems(recipe: Recipe, config) -> list[Problem]:
+    """Each stage's `convert` against the config its start model will have (heads divisible, family supported)."""
+    if not any(stage.convert for stage in recipe.stages):
+        return []
+    found = recipe_conversion_problems(recipe, config)
+    return [Problem(*line.split(": ", 1)) if ": " in line else Problem("convert", line) for line in found]
