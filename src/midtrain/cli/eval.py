@@ -7,15 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
+from midtrain.cli.common import EXIT_RECIPE, EXIT_RUN, console, escape, fail
+
 
 def _csv(text: str, kind: type, what: str) -> list:
-    from midtrain.cli import EXIT_RECIPE, _fail
 
     try:
         return [kind(item.strip()) for item in text.split(",") if item.strip()]
     except ValueError:
-        _fail(f"{what} {text!r}: expected comma-separated {kind.__name__} values", EXIT_RECIPE)
-        raise  # unreachable: _fail exits
+        fail(f"{what} {text!r}: expected comma-separated {kind.__name__} values", EXIT_RECIPE)
+        raise  # unreachable: fail exits
 
 
 def eval_command(
@@ -41,30 +42,30 @@ def eval_command(
 
     from rich.table import Table
 
-    from midtrain.cli import EXIT_RECIPE, EXIT_RUN, _fail, console, escape
+    from midtrain.eval.gates import LENGTH_TASKS, ruler_tasks_of
     from midtrain.eval.suite import EvalSpec
     from midtrain.eval.tasks.haystack import haystack_sentences
 
     if precision not in ("fp32", "bf16-mixed"):
-        _fail(f"--precision {precision!r}: expected fp32 or bf16-mixed", EXIT_RECIPE)
+        fail(f"--precision {precision!r}: expected fp32 or bf16-mixed", EXIT_RECIPE)
     try:
         spec = EvalSpec(tasks=tuple(_csv(tasks, str, "--tasks")), lengths=tuple(_csv(lengths, int, "--lengths")),
                         samples=samples, depths=tuple(_csv(depths, float, "--depths")), haystack=haystack, seed=seed)
         if any(not 0 <= d <= 1 for d in spec.depths):
             raise ValueError(f"--depths {depths!r}: every depth must lie in [0, 1]")
-        needs_lengths = [t for t in spec.tasks if t in ("ppl", "passkey", "niah", "ruler") or t.startswith("ruler.")]
+        needs_lengths = [t for t in spec.tasks if t in LENGTH_TASKS]
         if needs_lengths and not spec.lengths:
             raise ValueError(f"tasks {needs_lengths} need --lengths (e.g. --lengths 1024,4096)")
         if ("loss" in spec.tasks or "ppl" in spec.tasks) and not data:
             raise ValueError("loss and ppl need held-out text: --data FILE (jsonl or txt)")
-        if {"niah", "ruler"} & set(spec.tasks) or any(t.startswith("ruler.") for t in spec.tasks):
+        if "niah" in spec.tasks or ruler_tasks_of(spec.tasks):
             haystack_sentences(haystack)
     except ValueError as exc:
-        _fail(escape(str(exc)), EXIT_RECIPE)
+        fail(escape(str(exc)), EXIT_RECIPE)
     try:
         result = _evaluate_checkpoint(checkpoint, spec, data or [], max_docs, seq_len, precision)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
-        _fail(escape(str(exc)), EXIT_RUN)
+        fail(escape(str(exc)), EXIT_RUN)
     table = Table(title=f"{checkpoint}")
     table.add_column("metric")
     table.add_column("value", justify="right")

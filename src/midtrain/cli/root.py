@@ -1,4 +1,4 @@
-"""The `midtrain` command line. Expected failures print one clear message and exit non-zero, never a traceback."""
+"""The root `midtrain` app: `run`, `demo` and `recipe check`, and the verb groups registered after them."""
 
 from __future__ import annotations
 
@@ -9,57 +9,33 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from midtrain.cli.common import EXIT_RECIPE, EXIT_RUN, SetOpt, console, err, escape, fail, load_recipe_or_exit
+from midtrain.cli.data import data_app
+from midtrain.cli.eval import eval_command
+from midtrain.cli.merge import merge_command
+from midtrain.cli.mix import mix_app
+from midtrain.cli.report import report_command
+from midtrain.cli.rope import rope_app
+from midtrain.eval.keys import MetricKey
+
+__all__ = ["app", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mid-training for large language models.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Check and inspect recipes.")
 app.add_typer(recipe_app, name="recipe")
-
-# Logs and CI are not terminals: give tables room instead of rich's 80-column fallback.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-
-EXIT_RECIPE = 2  # the recipe (or its overrides) is invalid
-EXIT_RUN = 1  # the run could not proceed (data, checkpoints, environment)
-
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Override a recipe key: a.b=c (stages by name).", show_default=False),
-]
-
-
-def _fail(message: str, code: int) -> None:
-    for line in str(message).splitlines() or [""]:
-        err.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _load(recipe: Path, overrides: list[str] | None):
-    from midtrain.config import RecipeError, load_recipe
-
-    try:
-        return load_recipe(recipe, overrides or [])
-    except RecipeError as exc:
-        _fail(escape(str(exc)), EXIT_RECIPE)
-
-
-def escape(text: str) -> str:
-    from rich.markup import escape as rich_escape
-
-    return rich_escape(text)
 
 
 def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False, wandb: bool = False,
          override_gates: tuple[str, ...] = (), fallback_checkpoint: bool = False,
          profile_steps: tuple[int, int] | None = None):
     from midtrain.data import DataError
+    from midtrain.run import EXIT_GATE, GateFailed, RunError, RunOptions, run
     from midtrain.train import checkpoint
     from midtrain.train.preemption import EXIT_PREEMPTED, Preempted
     from midtrain.train.rollback import RollbackError
-    from midtrain.train.run import RunError, RunOptions, run
     from midtrain.train.runlock import RunLockError
-    from midtrain.train.stage_eval import EXIT_GATE, GateFailed
 
     try:
         options = RunOptions(force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
@@ -67,18 +43,18 @@ def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False
                              fallback_checkpoint=fallback_checkpoint, profile_steps=profile_steps)
         return run(recipe, options)
     except GateFailed as exc:
-        _fail(escape(str(exc)), EXIT_GATE)
+        fail(escape(str(exc)), EXIT_GATE)
     except Preempted as exc:
         err.print(f"[bold yellow]preempted:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_PREEMPTED) from None
     except (RunError, RunLockError, DataError, checkpoint.CheckpointError, FileNotFoundError, ValueError,
             RollbackError) as exc:
-        _fail(escape(str(exc)), EXIT_RUN)
+        fail(escape(str(exc)), EXIT_RUN)
     except OSError as exc:
         if exc.errno not in checkpoint.DISK_FULL:
             raise
-        _fail(escape(checkpoint.write_error(exc, Path(recipe.run_dir)) + "; free space and run the same command "
-                     "to resume"), EXIT_RUN)
+        fail(escape(checkpoint.write_error(exc, Path(recipe.run_dir)) + "; free space and run the same command "
+                    "to resume"), EXIT_RUN)
 
 
 @app.command()
@@ -106,7 +82,7 @@ def run(
         steps = None if profile_steps is None else parse_step_range(profile_steps)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--profile-steps") from None
-    loaded = _load(recipe, set_)
+    loaded = load_recipe_or_exit(recipe, set_)
     ctx = _run(loaded, force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
                override_gates=tuple(override_gate or ()), fallback_checkpoint=fallback_checkpoint,
                profile_steps=steps)
@@ -120,12 +96,18 @@ def recipe_check(
     set_: SetOpt = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write the LR schedule over all stages to this PNG.")] = None,
 ) -> None:
-    """Validate a recipe and print the resolved plan: tokens, steps and LR at stage boundaries."""
+    """Validate a recipe against its base, tokenizer and data, and print the resolved plan: tokens, steps and LR at
+    stage boundaries. Runs every check `midtrain run` makes before training; exit 2 lists all problems."""
     from midtrain.plan import build_plan
+    from midtrain.run import preflight
     from midtrain.schedule import plot_schedules
 
-    loaded = _load(recipe, set_)
+    loaded = load_recipe_or_exit(recipe, set_)
     plan = build_plan(loaded)
+    checks = preflight(loaded, plan)
+    if checks.problems:
+        fail(escape(f"{recipe}: {len(checks.problems)} problem(s) `midtrain run` would refuse before training:\n"
+                    + "\n".join(f"  {p}" for p in checks.problems)), EXIT_RECIPE)
     table = Table(title=f"{recipe} -> {loaded.run_dir}")
     for col in ("stage", "init", "tokens", "steps", "seq_len", "batch", "mixture", "lr start", "lr end", "schedule"):
         table.add_column(col)
@@ -139,7 +121,7 @@ def recipe_check(
         )
     console.print(table)
     console.print(f"total: {plan.total_tokens:,} tokens, {plan.total_steps:,} steps")
-    for warning in plan.warnings:
+    for warning in checks.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     if plot is not None:
         offsets = [(st.name, st.schedule, st.first_tokens) for st in plan.stages]
@@ -170,11 +152,11 @@ def demo(
     if build_base:
         with console.status("building the demo corpus and training its tokenizer"):
             recipe_path, overrides = prepare_base(out)
-        loaded = _load(recipe_path, overrides + list(set_ or []))
+        loaded = load_recipe_or_exit(recipe_path, overrides + list(set_ or []))
         ctx = _run(loaded, override_gates=())
         last = ctx.plan.stages[-1]
-        metrics = json.loads((ctx.run_dir / "eval" / f"{last.name}.json").read_text())["metrics"]
-        dest = install_base(ctx.export_dir(last), metrics, base)
+        metrics = json.loads(ctx.stage_layout(last).eval_after.read_text())["metrics"]
+        dest = install_base(ctx.stage_layout(last).export, metrics, base)
         _print_summary(ctx.run_dir, [s.name for s in ctx.plan.stages])
         console.print(f"base installed: {dest}")
         return
@@ -182,19 +164,22 @@ def demo(
         try:
             recipe_path, overrides = prepare(out, quick, base)
         except FileNotFoundError as exc:
-            _fail(escape(str(exc)), 2)
+            fail(escape(str(exc)), 2)
     console.print(f"demo recipe: {recipe_path}  (base {base}, corpus in {out / 'corpus'})")
-    loaded = _load(recipe_path, overrides + list(set_ or []))
+    loaded = load_recipe_or_exit(recipe_path, overrides + list(set_ or []))
     # The demo always reaches its table: a failed gate is recorded (and shown) instead of stopping the run.
     ctx = _run(loaded, override_gates=tuple(s.name for s in loaded.stages))
     _print_summary(ctx.run_dir, [s.name for s in ctx.plan.stages])
 
 
 def _fmt_metric(key: str, value: float) -> str:
-    return f"{value:.2f}" if key.startswith(("passkey", "niah", "ruler", "arith")) else f"{value:.4f}"
+    return f"{value:.2f}" if MetricKey.parse(key).family in ("passkey", "niah", "ruler", "arith") else f"{value:.4f}"
 
 
 def _print_summary(run_dir: Path, stages: list[str]) -> None:
+    from midtrain.layout import RunLayout
+
+    layout = RunLayout(run_dir)
     table = Table(title="before -> after each stage (held-out loss per domain; task accuracy)")
     table.add_column("stage")
     table.add_column("metric")
@@ -204,36 +189,29 @@ def _print_summary(run_dir: Path, stages: list[str]) -> None:
     table.add_column("gate")
     shown = ("loss", "passkey", "niah", "ruler", "arith")
     for name in stages:
-        before_file, after_file = run_dir / "eval" / f"{name}-before.json", run_dir / "eval" / f"{name}.json"
+        before_file, after_file = layout.stage(name).eval_before, layout.stage(name).eval_after
         if not (before_file.is_file() and after_file.is_file()):
             continue
         before = json.loads(before_file.read_text())["metrics"]
         record = json.loads(after_file.read_text())
         after = record["metrics"]
         gates = {c["metric"]: c for c in (record.get("gate") or {}).get("conditions", [])}
-        for key in sorted(k for k in after if k.split(".")[0].split("@")[0] in shown):
+        for key in sorted(k for k in after if MetricKey.parse(k).family in shown):
             b, a = before.get(key, math.nan), after[key]
-            is_loss = key.startswith("loss")
+            is_loss = MetricKey.parse(key).task == "loss"
             change = (f"{(a - b) / b:+.1%}" if is_loss and b else f"{a - b:+.2f}") if not math.isnan(b) else ""
             cond = gates.get(key)
             gate = "" if cond is None else f"{cond['condition']} {'ok' if cond['passed'] else 'FAILED'}"
             table.add_row(name, key, _fmt_metric(key, b), _fmt_metric(key, a), change, gate)
     console.print(table)
     console.print(f"run dir: {run_dir}  (metrics.jsonl, eval/, stages/<stage>/hf)")
-    for report in (run_dir / "report.html", run_dir / "report.md"):
+    for report in (layout.report_html, layout.report_md):
         if report.is_file():
             console.print(f"report: {report}")
 
 
-# Each capability keeps its commands next to its code (imports of heavy modules stay inside the commands);
-# registered after the core verbs so `midtrain --help` lists run, demo and recipe first.
-from midtrain.context.cli import rope_app  # noqa: E402
-from midtrain.data.cli import data_app  # noqa: E402
-from midtrain.eval.cli import eval_command  # noqa: E402
-from midtrain.merge.cli import merge_command  # noqa: E402
-from midtrain.mix.cli import mix_app  # noqa: E402
-from midtrain.report.cli import report_command  # noqa: E402
-
+# Each capability keeps its commands in its own module of this package (imports of heavy modules stay inside the
+# commands); registered after the core verbs so `midtrain --help` lists run, demo and recipe first.
 app.command("eval")(eval_command)
 app.command("report")(report_command)
 app.command("merge")(merge_command)
@@ -243,12 +221,9 @@ app.add_typer(mix_app, name="mix")
 
 
 def main() -> None:
+    """The `midtrain` console script: run the app; Ctrl-C prints `interrupted` and exits 130."""
     try:
         app()
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

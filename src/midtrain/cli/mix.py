@@ -10,12 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from midtrain.cli.common import EXIT_RECIPE, EXIT_RUN, SetOpt, console, escape, fail, load_recipe_or_exit
+
 mix_app = typer.Typer(no_args_is_help=True, help="Optimise a stage's data mixture; value candidate data.")
 
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Override a recipe key: a.b=c (stages by name).", show_default=False),
-]
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
 StageOpt = Annotated[str, typer.Option("--stage", help="The stage whose mixture is searched / valued.")]
 TokensOpt = Annotated[Optional[str], typer.Option(help="Training tokens per proxy run, e.g. 200k (default: see "
@@ -29,7 +27,6 @@ KeepOpt = Annotated[bool, typer.Option(help="Keep each proxy's checkpoints and H
 
 
 def _tokens(text: str | None) -> int | None:
-    from midtrain.cli import EXIT_RECIPE, _fail, escape
     from midtrain.config import parse_tokens
 
     if text is None:
@@ -37,35 +34,33 @@ def _tokens(text: str | None) -> int | None:
     try:
         return parse_tokens(text)
     except ValueError as exc:
-        _fail(escape(f"--tokens: {exc}"), EXIT_RECIPE)
+        fail(escape(f"--tokens: {exc}"), EXIT_RECIPE)
 
 
 def _seeds(text: str, option: str) -> tuple[int, ...]:
-    from midtrain.cli import EXIT_RECIPE, _fail, escape
 
     try:
         return tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        _fail(escape(f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,3"), EXIT_RECIPE)
+        fail(escape(f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,3"), EXIT_RECIPE)
 
 
 def _guarded(work, title: str):
     """Runs `work(on_event)` under a progress display; bad input exits 2, a run that cannot proceed exits 1."""
-    from midtrain.cli import EXIT_RECIPE, EXIT_RUN, _fail, console, escape
     from midtrain.data import DataError
     from midtrain.mix.proxy import MixError, MixRunError
-    from midtrain.train.run import RunError
+    from midtrain.run import RunError
 
     bar, on_event = _progress(console, title)
     try:
         with bar:
             return work(on_event)
     except MixRunError as exc:
-        _fail(escape(str(exc)), EXIT_RUN)
+        fail(escape(str(exc)), EXIT_RUN)
     except MixError as exc:
-        _fail(escape(str(exc)), EXIT_RECIPE)
+        fail(escape(str(exc)), EXIT_RECIPE)
     except (RunError, DataError, ValueError, OSError) as exc:  # ValueError: too few proxies to hold any out
-        _fail(escape(str(exc)), EXIT_RUN)
+        fail(escape(str(exc)), EXIT_RUN)
 
 
 def _progress(console, title: str):
@@ -105,7 +100,9 @@ def _progress(console, title: str):
 
 
 def _default_out(recipe, kind: str, stage: str) -> Path:
-    return Path(recipe.run_dir) / "mix" / f"{kind}-{stage}"
+    from midtrain.layout import RunLayout
+
+    return RunLayout(recipe.run_dir).mix_work(kind, stage)
 
 
 @mix_app.command("search")
@@ -140,11 +137,10 @@ def search(
 ) -> None:
     """RegMix-style search: proxies on Dirichlet mixtures, a regression, the predicted best mixture (a recipe
     snippet). Default --tokens: the stage's own tokens."""
-    from midtrain.cli import EXIT_RECIPE, _fail, _load, console, escape
     from midtrain.mix.proxy import MixError
     from midtrain.mix.search import SearchConfig, run_search
 
-    loaded = _load(recipe, set_)
+    loaded = load_recipe_or_exit(recipe, set_)
     try:
         cfg = SearchConfig(stage=stage, target=target, proxies=proxies, tokens=_tokens(tokens),
                            concentration=concentration, seed=seed, start=start, model=model, folds=folds,
@@ -152,7 +148,7 @@ def search(
                            verify_seeds=_seeds(verify_seeds, "--verify-seeds"), workers=workers, threads=threads,
                            keep_models=keep_models)
     except MixError as exc:
-        _fail(escape(str(exc)), EXIT_RECIPE)
+        fail(escape(str(exc)), EXIT_RECIPE)
     out = out or _default_out(loaded, "search", stage)
     summary = _guarded(lambda on_event: run_search(loaded, recipe, cfg, out, on_event), "mix search")
     print_search(summary, console)
@@ -214,17 +210,16 @@ def value(
 ) -> None:
     """Microanneal valuation: the stage's start checkpoint annealed with and without the candidate at --fraction,
     same tokens and seed; metric deltas as mean ± std over seeds. Default --tokens: a tenth of the stage's."""
-    from midtrain.cli import EXIT_RECIPE, _fail, _load, console, escape
     from midtrain.mix.proxy import MixError
     from midtrain.mix.value import ValueConfig, run_value
 
-    loaded = _load(recipe, set_)
+    loaded = load_recipe_or_exit(recipe, set_)
     try:
         cfg = ValueConfig(stage=stage, candidate=candidate, fraction=fraction, seeds=_seeds(seeds, "--seeds"),
                           tokens=_tokens(tokens), start=start, name=name, domain=domain, text_field=text_field,
                           workers=workers, threads=threads, keep_models=keep_models)
     except MixError as exc:
-        _fail(escape(str(exc)), EXIT_RECIPE)
+        fail(escape(str(exc)), EXIT_RECIPE)
     out = out or _default_out(loaded, "value", stage)
     summary = _guarded(lambda on_event: run_value(loaded, recipe, cfg, out, on_event), "mix value")
     print_value(summary, console)
@@ -235,13 +230,15 @@ def value(
 def print_value(summary: dict, console) -> None:
     from rich.table import Table
 
+    from midtrain.eval.keys import MetricKey
+
     cand, s = summary["candidate"], summary["settings"]
     table = Table(title=f"candidate {cand['name']} at {s['fraction']:.0%} vs the stage's mixture: "
                         f"{s['tokens']:,} tokens, seeds {','.join(map(str, s['seeds']))}")
     for col in ("metric", "control", "with candidate", "delta (mean ± std)", ""):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for metric, d in summary["deltas"].items():
-        if metric.startswith("ppl"):
+        if MetricKey.parse(metric).task == "ppl":
             continue  # exp(loss): the loss rows say the same
         good = (d["delta"] > 0) == d["higher_is_better"] and d["delta"] != 0
         clear = abs(d["delta"]) > d["delta_std"]  # beyond one std of the seed-to-seed spread

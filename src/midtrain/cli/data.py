@@ -10,14 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from midtrain.cli.common import EXIT_RUN, SetOpt, console, escape, fail, load_recipe_or_exit
+
 data_app = typer.Typer(no_args_is_help=True, help="Prepare data: decontaminate, tokenizer, curate, inspect.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train tokenizers.")
 data_app.add_typer(tokenizer_app, name="tokenizer")
 
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Override a recipe key: a.b=c (stages by name).", show_default=False),
-]
 
 
 @data_app.command("decontaminate")
@@ -36,7 +34,6 @@ def decontaminate(
     min_matches: Annotated[int, typer.Option(help="Matched n-grams that make a document contaminated.")] = 1,
 ) -> None:
     """Remove benchmark overlap from data files by word n-gram matching; writes OUT/report.json."""
-    from midtrain.cli import EXIT_RUN, _fail, console, escape
     from midtrain.data.decontam import Decontaminator, decontaminate_paths
     from midtrain.data.errors import DataError
 
@@ -45,7 +42,7 @@ def decontaminate(
                                fields=field)
         report = decontaminate_paths(inputs, decon, out, text_field)
     except (DataError, ValueError) as exc:
-        _fail(escape(str(exc)), EXIT_RUN)
+        fail(escape(str(exc)), EXIT_RUN)
     console.print(f"{report['documents']} documents: {report['dropped']} dropped, {report['redacted']} redacted "
                   f"({ngram}-grams, mode {mode})")
     for b in report["benchmarks"]:
@@ -67,28 +64,22 @@ def tokenizer_train(
 ) -> None:
     """Train a byte-level BPE tokenizer (HF tokenizers) for from-scratch bases."""
     import itertools
-    import os
-    import shutil
 
-    from midtrain.cli import EXIT_RUN, _fail, console, escape
     from midtrain.data.errors import DataError
     from midtrain.data.sources import SkipReport, iter_documents
     from midtrain.data.tokenizer import train_bpe
+    from midtrain.io import publish_dir
 
     if out.exists() and any(out.iterdir()) and not force:
-        _fail(escape(f"{out}: exists and is not empty (use --force to replace it)"), EXIT_RUN)
+        fail(escape(f"{out}: exists and is not empty (use --force to replace it)"), EXIT_RUN)
     skips = SkipReport()
     try:
         docs = itertools.chain.from_iterable(iter_documents(s, text_field, skips) for s in sources)
         texts = (d.text for d in itertools.islice(docs, max_docs))
         tok = train_bpe(texts, vocab)
     except (DataError, ValueError) as exc:
-        _fail(escape(str(exc)), EXIT_RUN)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        fail(escape(str(exc)), EXIT_RUN)
+    publish_dir(out, tok.save_pretrained)
     console.print(f"trained byte-level BPE: {len(tok)} tokens -> {out}" + (f"; {skips}" if skips.total else ""),
                   highlight=False)
 
@@ -101,16 +92,15 @@ def curate_cmd(
     fresh: Annotated[bool, typer.Option(help="Discard earlier curation output and start over.")] = False,
 ) -> None:
     """Run the recipe's datatrove curation (filters, exact + MinHash dedup); stats go to RUN/data/curation/."""
-    from midtrain.cli import EXIT_RUN, _fail, _load, console, escape
     from midtrain.data.errors import DataError
 
-    rec = _load(recipe, set_)
+    rec = load_recipe_or_exit(recipe, set_)
     try:
         from midtrain.data.curate import curate
 
         results = curate(rec, only=source, fresh=fresh)
     except (DataError, ValueError, ImportError) as exc:
-        _fail(escape(str(exc)), EXIT_RUN)
+        fail(escape(str(exc)), EXIT_RUN)
     from rich.table import Table
 
     for name, res in results.items():
@@ -136,19 +126,18 @@ def inspect_cmd(
     """Per stage and source: weight, planned tokens, source size, epochs; warns about repeats and epoch caps."""
     from rich.table import Table
 
-    from midtrain.cli import EXIT_RUN, _fail, _load, console, escape
     from midtrain.data.errors import DataError
 
-    rec = _load(recipe, set_)
+    rec = load_recipe_or_exit(recipe, set_)
     try:
         from midtrain.data.prepare import apply_special_tokens, mixture_usage, tokenize_recipe_sources
-        from midtrain.train.run import RunError, resolve_tokenizer
+        from midtrain.run import RunError, resolve_tokenizer
 
         tokenizer = resolve_tokenizer(rec)
         apply_special_tokens(rec, tokenizer)
         sources = tokenize_recipe_sources(rec, tokenizer)
     except (DataError, ValueError, RunError) as exc:
-        _fail(escape(str(exc)), EXIT_RUN)
+        fail(escape(str(exc)), EXIT_RUN)
     table = Table(title=f"mixtures of {recipe}")
     for col in ("stage", "source", "share", "planned tokens", "source tokens", "epochs (cumulative)", "cap"):
         table.add_column(col, justify="left" if col in ("stage", "source") else "right")

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from midtrain.cli.common import EXIT_RUN, console, escape, fail
+
 
 def merge_command(
     checkpoints: Annotated[list[Path], typer.Argument(help="Two or more HF checkpoint dirs of one architecture.")],
@@ -15,15 +17,14 @@ def merge_command(
         help="Comma-separated weights, one per checkpoint (normalised to sum 1); default uniform.")] = None,
 ) -> None:
     """Average checkpoints tensor by tensor in fp32 ("souping"), one shard at a time."""
-    from midtrain.cli import EXIT_RUN, _fail, console, escape
     from midtrain.merge.soup import MergeError, merge_checkpoints
 
     try:
         values = [float(v) for v in weights.split(",")] if weights else None
     except ValueError:
-        _fail(escape(f"--weights {weights!r}: expected comma-separated numbers"), 2)
+        fail(escape(f"--weights {weights!r}: expected comma-separated numbers"), 2)
     try:
         path = merge_checkpoints(checkpoints, out, values)
     except (MergeError, OSError) as exc:
-        _fail(escape(str(exc)), EXIT_RUN)
+        fail(escape(str(exc)), EXIT_RUN)
     console.print(f"merged {len(checkpoints)} checkpoints -> {path}")

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from midtrain.cli.common import EXIT_RECIPE, EXIT_RUN, console, escape, fail
+
 rope_app = typer.Typer(no_args_is_help=True, help="Inspect and search RoPE frequency remappings.")
 
 
@@ -25,23 +27,22 @@ def show(
     plot: Annotated[Optional[Path], typer.Option(help="Write wavelength vs scale factor to this PNG.")] = None,
 ) -> None:
     """Print per-dimension wavelengths, scale factors and the attention factor of one or more methods."""
-    from midtrain.cli import EXIT_RECIPE, _fail, console, escape
     from midtrain.context.rope import coerce_param, rope_show
 
     params = {}
     for item in param or []:
         key, sep, value = item.partition("=")
         if not sep:
-            _fail(f"--param {item!r}: expected KEY=VALUE, e.g. beta_fast=4", EXIT_RECIPE)
+            fail(f"--param {item!r}: expected KEY=VALUE, e.g. beta_fast=4", EXIT_RECIPE)
         try:
             params[key.strip()] = coerce_param(key.strip(), _number(value.strip()))
         except ValueError as exc:
-            _fail(escape(f"--param {key}: {exc}"), EXIT_RECIPE)
+            fail(escape(f"--param {key}: {exc}"), EXIT_RECIPE)
     try:
         out = rope_show(method, factor, base, head_dim, original, target, plot,
                         partial_rotary_factor=partial_rotary_factor, **params)
     except ValueError as exc:
-        _fail(escape(str(exc)), EXIT_RECIPE)
+        fail(escape(str(exc)), EXIT_RECIPE)
     console.print(out, highlight=False, markup=False)
 
 
@@ -65,17 +66,16 @@ def search(
         help="beta_fast of the YaRN ramp the search starts from (default min(32, max(2, L0/32))).")] = None,
 ) -> None:
     """Evolutionary search of LongRoPE long factors for CHECKPOINT at --target-length (resumable)."""
-    from midtrain.cli import EXIT_RECIPE, EXIT_RUN, _fail, console, escape
 
     if not checkpoint.is_dir() or not (checkpoint / "config.json").is_file():
-        _fail(escape(f"CHECKPOINT {checkpoint}: not a checkpoint directory with a config.json"), EXIT_RECIPE)
+        fail(escape(f"CHECKPOINT {checkpoint}: not a checkpoint directory with a config.json"), EXIT_RECIPE)
     if not data.exists():
-        _fail(escape(f"--data {data}: does not exist"), EXIT_RECIPE)
+        fail(escape(f"--data {data}: does not exist"), EXIT_RECIPE)
     if original is None:
         original = _config_original(checkpoint)
         if original is None:
-            _fail(escape(f"--original is required: {checkpoint / 'config.json'} does not say the length the "
-                         "model was trained at (rope_parameters.original_max_position_embeddings)"), EXIT_RECIPE)
+            fail(escape(f"--original is required: {checkpoint / 'config.json'} does not say the length the "
+                        "model was trained at (rope_parameters.original_max_position_embeddings)"), EXIT_RECIPE)
     from midtrain.context.search import SearchConfig
 
     try:
@@ -83,12 +83,12 @@ def search(
                            generations=generations, seed=seed, beta_fast=beta_fast, max_windows=windows,
                            batch_size=batch_size)
     except ValueError as exc:
-        _fail(escape(f"--{_option_of(str(exc))}: {exc}"), EXIT_RECIPE)
+        fail(escape(f"--{_option_of(str(exc))}: {exc}"), EXIT_RECIPE)
     expected = _expected_errors()
     try:
         result = _run_search(checkpoint, data, text_field, cfg, out, console)
     except expected as exc:  # bad data, a foreign state file, an unloadable checkpoint: one line, exit 1
-        _fail(escape(str(exc)), EXIT_RUN)
+        fail(escape(str(exc)), EXIT_RUN)
     console.print(
         f"best loss at {target_length}: {result.best_loss:.4f} (ppl {result.best_ppl:.3f}); YaRN-ramp start "
         f"{result.init_loss:.4f} (ppl {result.init_ppl:.3f}); {result.evaluations} candidates evaluated\n"
@@ -123,12 +123,13 @@ def _run_search(checkpoint: Path, data: Path, text_field: str, cfg, out: Path, c
     """Load once, search with a progress bar (plain lines when not a terminal), return the SearchResult."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from midtrain.context.search import load_long_documents, longrope_search
+    from midtrain.context.search import longrope_search
+    from midtrain.data.sources import long_documents
     from midtrain.model import load_model, load_tokenizer
 
     model = load_model(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
-    docs = load_long_documents(data, tokenizer, cfg.target_length, text_field=text_field,
+    docs = long_documents(data, tokenizer, cfg.target_length, text_field=text_field,
                                max_documents=cfg.max_windows)
     meta = {"checkpoint": str(checkpoint.resolve()), "data": str(data.resolve()), "text_field": text_field}
     budget = cfg.population + cfg.generations * (cfg.population - cfg.parents)  # at most this many evaluations

@@ -1,0 +1,3 @@
+from midtrain.cli import main
+
+main()
