@@ -89,7 +89,8 @@ def batch_split_problems(recipe: Recipe, plan: Plan, world_size: int) -> list[Pr
         per_rank, rest = divmod(stage.seqs_per_step, world_size)
         if rest or (micro and per_rank % micro):
             out.append(Problem(f"stages.{stage.name}.batch", (
-                f"{stage.seqs_per_step} sequences per step (batch.tokens / seq_len) must split evenly over "
+                f"{stage.seqs_per_step} sequences per step of stage {stage.name!r} (batch.tokens / seq_len) must "
+                f"split evenly over "
                 f"{world_size} ranks" + (f" into micro-batches of {micro}" if micro else ""))))
     return out
 
