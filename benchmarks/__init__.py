@@ -11,4 +11,5 @@ SUITES = (
     "benchmarks.compile",
     "benchmarks.data",
     "benchmarks.loss",
+    "benchmarks.integrity",
 )

@@ -62,9 +62,18 @@ def eval_command(
             haystack_sentences(haystack)
     except ValueError as exc:
         fail(escape(str(exc)), EXIT_RECIPE)
+    if not spec.tasks:
+        fail("--tasks: no task to evaluate (e.g. --tasks passkey,niah --lengths 1024)", EXIT_RECIPE)
+    for path in data or []:  # at the edge: a missing file is one line, not a traceback around the reader's error
+        if not path.exists():
+            fail(escape(f"--data {path}: no such file or directory"), EXIT_RECIPE)
+    if not checkpoint.is_dir():
+        fail(escape(f"{checkpoint}: no such checkpoint directory"), EXIT_RECIPE)
+    from midtrain.data import DataError
+
     try:
         result = _evaluate_checkpoint(checkpoint, spec, data or [], max_docs, seq_len, precision)
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+    except (FileNotFoundError, RuntimeError, ValueError, DataError) as exc:
         fail(escape(str(exc)), EXIT_RUN)
     table = Table(title=f"{checkpoint}")
     table.add_column("metric")

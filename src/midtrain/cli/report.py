@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -20,5 +21,11 @@ def report_command(
     layout = RunLayout(run_dir)
     if not layout.plan.is_file():
         fail(escape(f"{run_dir}: not a run directory (no plan.json)"), EXIT_RUN)
-    out = write_report(run_dir)
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        fail(escape(f"{run_dir}: not writable, so its report cannot be written there (copy the run dir elsewhere "
+                    "and run `midtrain report` on the copy)"), EXIT_RUN)
+    try:
+        out = write_report(run_dir)
+    except OSError as exc:  # e.g. a read-only file system or a full disk while drawing a plot
+        fail(escape(f"{exc.filename or run_dir}: cannot write the report ({exc.strerror or exc})"), EXIT_RUN)
     console.print(f"report: {out} and {layout.report_md}")

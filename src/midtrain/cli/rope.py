@@ -29,6 +29,9 @@ def show(
     """Print per-dimension wavelengths, scale factors and the attention factor of one or more methods."""
     from midtrain.context.rope import coerce_param, rope_show
 
+    for problem in show_argument_problems(factor, base, head_dim, original, target, partial_rotary_factor, plot):
+        fail(escape(problem), EXIT_RECIPE)
+
     params = {}
     for item in param or []:
         key, sep, value = item.partition("=")
@@ -44,6 +47,29 @@ def show(
     except ValueError as exc:
         fail(escape(str(exc)), EXIT_RECIPE)
     console.print(out, highlight=False, markup=False)
+
+
+def show_argument_problems(factor: float | None, base: float, head_dim: int, original: int, target: int | None,
+                           partial_rotary_factor: float, plot: Path | None) -> list[str]:
+    """Every `rope show` number checked at the edge: finite and in range (one line each, naming the option)."""
+    import math
+
+    problems = []
+    if factor is not None and not (math.isfinite(factor) and factor >= 1):
+        problems.append(f"--factor {factor}: must be a finite number >= 1 (the context extension s = L / L0)")
+    if not (math.isfinite(base) and base > 1):
+        problems.append(f"--base {base}: must be a finite rope_theta > 1 (e.g. 10000)")
+    if not (0 < partial_rotary_factor <= 1):
+        problems.append(f"--partial-rotary-factor {partial_rotary_factor}: must lie in (0, 1]")
+    elif head_dim <= 0 or int(head_dim * partial_rotary_factor) < 2 or int(head_dim * partial_rotary_factor) % 2:
+        problems.append(f"--head-dim {head_dim}: the rotated part (head_dim x partial_rotary_factor = "
+                        f"{head_dim * partial_rotary_factor:g}) must be a positive even number of dimensions")
+    for option, value in (("--original", original), ("--target", target)):
+        if value is not None and value < 1:
+            problems.append(f"{option} {value}: must be a positive number of tokens")
+    if plot is not None and not plot.parent.is_dir():
+        problems.append(f"--plot {plot}: directory {plot.parent} does not exist")
+    return problems
 
 
 @rope_app.command("search")

@@ -119,6 +119,18 @@ def furthest_cursors(cursor_sets: list[dict[str, dict]]) -> dict[str, dict]:
     return out
 
 
+def changed_source_message(source: TokenizedSource, cursor: dict) -> str:
+    """Why a saved cursor no longer fits its source, and what to do (a cursor into other documents would repeat or
+    skip data)."""
+    was, now = cursor.get("tokenizer"), source.meta.get("tokenizer_fingerprint")
+    if was and now and was != now:
+        what = f"the tokenizer changed since it was saved (tokenizer fingerprint {was[:12]}, now {now[:12]})"
+    else:
+        what = f"its data {source.meta.get('path') or cursor.get('path') or ''} changed since it was saved"
+    return (f"source {source.name!r}: {what.replace('  ', ' ')}; the saved position would point at other documents. "
+            "Restore the original, or start a new run_dir (--set run_dir=...); --force-recipe-change cannot help")
+
+
 class PackedLoader:
     """Packs documents drawn by a token-quota mixture into `global_batch_seqs` rows of `seq_len` per step.
 
@@ -363,7 +375,8 @@ class PackedLoader:
     def source_cursors(self) -> dict[str, dict]:
         """Per-source consumption keyed by name, for a following stage with a different mixture."""
         return {
-            s.name: {**c.to_dict(), "fingerprint": s.fingerprint, "n_docs": s.n_docs}
+            s.name: {**c.to_dict(), "fingerprint": s.fingerprint, "n_docs": s.n_docs,
+                     "tokenizer": s.meta.get("tokenizer_fingerprint"), "path": s.meta.get("path")}
             for s, c in zip(self.sources, self._cursors)
         }
 
@@ -381,8 +394,7 @@ class PackedLoader:
             if d is None:
                 continue
             if d["fingerprint"] != s.fingerprint:
-                raise ValueError(f"source {s.name!r}: cursor was saved for data {d['fingerprint'][:12]}, "
-                                 f"this source is {s.fingerprint[:12]}; its documents changed")
+                raise ValueError(changed_source_message(s, d))
             self._cursors[i] = _Cursor.from_dict(d)
         self._perms.clear()
         self._refine()

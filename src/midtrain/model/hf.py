@@ -18,7 +18,9 @@ from transformers import (
 
 from midtrain import faults
 from midtrain.io import publish_dir
+from midtrain.layout import EXPORT_INFO
 from midtrain.model.presets import check_rope_support
+from midtrain.model.verify import FILES_KEY, CheckpointFileError, check_loadable, file_manifest
 
 _WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
 
@@ -67,12 +69,17 @@ def load_model(
             raise FileNotFoundError(
                 f"model checkpoint {str(local)!r} has no weights ({' or '.join(_WEIGHT_PATTERNS)})"
             )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path),
-        dtype=torch.float32,
-        attn_implementation=attn_implementation,
-        local_files_only=not allow_hub,
-    )
+        check_loadable(local)  # a damaged file is one error naming it, not a traceback from inside transformers
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=torch.float32,
+            attn_implementation=attn_implementation,
+            local_files_only=not allow_hub,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointFileError(f"{path}: transformers cannot load this checkpoint: {first}") from None
     model.config.use_cache = False  # training default, as in build_model; generate() reads generation_config
     return model
 
@@ -135,8 +142,9 @@ def save_hf_checkpoint(
 
     Written into `out_dir.tmp-<pid>`, fsynced, then renamed over `out_dir`, so readers see the old export or the
     new one, never a partial one. `state_dict` overrides the model's own (e.g. a gathered FSDP full state dict).
-    `extra` is written as `midtrain.json`, `extra_tensors` ({file name: tensors}) as further safetensors files
-    (e.g. a round-trip probe). The model's config is left as it was. Call on one rank only.
+    `extra` is written as `midtrain.json` with the sizes and sha256 of every other file; `extra_tensors` ({file name:
+    tensors}) as further safetensors files (e.g. a round-trip probe). The model's config is left as it was. Call on
+    one rank only.
     """
     inner = unwrap_model(model)
     config = inner.config
@@ -156,10 +164,11 @@ def save_hf_checkpoint(
         _patch_json(tmp / "config.json", {"use_cache": True, "dtype": "float32"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            (tmp / "midtrain.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
         for name, tensors in (extra_tensors or {}).items():
             save_file(tensors, str(tmp / name))
+        if extra is not None:  # last: it records the checksums of every other file (model.verify.verify_export)
+            record = {**extra, FILES_KEY: file_manifest(tmp)}
+            (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         faults.point("export.mid_write")  # test-only: export complete in its temp dir, not yet in place
 
     return publish_dir(Path(out_dir), write)

@@ -30,9 +30,13 @@ def _rows(path: Path) -> list[dict]:
     rows = []
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             continue  # a torn last line of a killed run
+        # every row has these (CONTRACTS §3); a damaged one is left out rather than failing the whole report
+        if isinstance(row, dict) and isinstance(row.get("event"), str) and isinstance(row.get("step"), int) \
+                and isinstance(row.get("tokens"), (int, float)) and isinstance(row.get("stage"), str):
+            rows.append(row)
     return rows
 
 

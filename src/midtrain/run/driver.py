@@ -21,7 +21,7 @@ from midtrain.run.evaluate import GateFailed, check_gate, eval_outdated, reevalu
 from midtrain.run.preflight import preflight
 from midtrain.run.record import record_run
 from midtrain.run.setup import tokenize_all
-from midtrain.run.stage import run_stage, stage_finished
+from midtrain.run.stage import export_problem, run_stage, stage_finished
 from midtrain.train.distributed import barrier, init_distributed
 from midtrain.train.precision import resolve_precision
 from midtrain.train.preemption import Preempted, PreemptionGuard
@@ -39,7 +39,10 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
     lock = RunLock(layout.root) if dist.is_main else contextlib.nullcontext()
     with lock, PreemptionGuard() as guard:
         if isinstance(lock, RunLock) and lock.took_over is not None:
-            print(f"note: took over a stale lock of pid {lock.took_over.get('pid')} (no such process)", flush=True)
+            stale = lock.took_over.get("pid")
+            print(f"note: took over a stale lock of pid {stale} (no such process)" if stale is not None else
+                  f"note: replaced an unreadable lock file {lock.path} (left by a process killed while taking it)",
+                  flush=True)
         if dist.is_main:
             record_run(recipe, plan, layout, options)
         barrier()
@@ -64,11 +67,15 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
 def run_or_skip(ctx: RunContext, stage, guard: PreemptionGuard) -> None:
     """Trains an unfinished stage (as K souped branches where it has `seeds`); re-evaluates a finished one whose
     eval tasks changed."""
-    if stage_finished(ctx.target(stage)):
+    finished = stage_finished(ctx.target(stage))
+    problem = export_problem(ctx.target(stage)) if finished else None
+    if finished and problem is None:
         ctx.print(f"stage {stage.name!r} already finished; skipping")
         if eval_outdated(ctx, stage):
             reevaluate(ctx, stage)
         return
+    if problem is not None:  # the remedy: the stage's final checkpoint is exported (and evaluated) again
+        ctx.print(f"warning: {problem}; exporting stage {stage.name!r} again from its final checkpoint")
     if guard.agreed(ctx.dist.device):  # a signal between stages: nothing to save, the last stage finished
         raise Preempted(guard.signal_name, stage.first_step)
     if ctx.recipe.stages[stage.index].seeds:

@@ -8,7 +8,9 @@ option (`--override-gate`); warnings are what the run prints but trains through.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -51,6 +53,7 @@ def preflight(recipe: Recipe, plan: Plan, *, world_size: int = 1, device: torch.
     report.problems += optional_logger_problems(options)
     report.problems += override_gate_problems(options, plan)
     report.problems += batch_split_problems(recipe, plan, world_size)
+    report.problems += run_dir_problems(Path(recipe.run_dir)) if recipe.run_dir is not None else []
     if device is not None:
         report.problems += attention_problems(recipe, device)
     try:
@@ -73,6 +76,21 @@ def optional_logger_problems(options: RunOptions) -> list[Problem]:
     return [Problem(f"--{module}", f"needs the {module} package: pip install {module}")
             for wanted, module in ((options.tensorboard, "tensorboard"), (options.wandb, "wandb"))
             if wanted and importlib.util.find_spec(module) is None]
+
+
+def run_dir_problems(run_dir: Path) -> list[Problem]:
+    """The run directory is a directory midtrain may write (or can be created in a writable one)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return [Problem("run_dir", f"{run_dir}: exists and is not a directory; choose another run_dir")]
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [Problem("run_dir", f"{existing}: is not a directory, so {run_dir} cannot be created")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == run_dir else f"is not writable, so {run_dir} cannot be created"
+        return [Problem("run_dir", f"{existing}: {what}; choose a run_dir you can write (--set run_dir=...)")]
+    return []
 
 
 def override_gate_problems(options: RunOptions, plan: Plan) -> list[Problem]:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from midtrain.config import Recipe, dump_recipe
 from midtrain.io import write_text_atomic
@@ -18,6 +22,7 @@ from midtrain.train import checkpoint as ckpt
 def record_run(recipe: Recipe, plan: Plan, layout: RunLayout, options: RunOptions) -> None:
     """Records the recipe and plan (main rank); refuses to continue trained stages under a changed recipe."""
     layout.root.mkdir(parents=True, exist_ok=True)
+    text = dump_recipe(recipe)
     for stage in plan.stages:
         recorded = recorded_fingerprint(layout, stage)
         if recorded and recorded != stage.fingerprint and may_retry_after_gate(layout, plan, stage):
@@ -27,11 +32,12 @@ def record_run(recipe: Recipe, plan: Plan, layout: RunLayout, options: RunOption
                   f"{kept.name} (its export, checkpoints and evals); training the stage again", flush=True)
             continue
         if recorded and recorded != stage.fingerprint and not options.force_recipe_change:
+            changed = changed_keys(layout.recipe, text)
             raise RunError(
-                f"{layout.root}: stage {stage.name!r} was trained with a different recipe (fingerprint {recorded}, "
-                f"now {stage.fingerprint}); use a new run_dir, or --force-recipe-change to continue anyway"
-            )
-    text = dump_recipe(recipe)
+                f"{layout.root}: stage {stage.name!r} was trained with a different recipe"
+                + (f" (changed: {', '.join(changed)})" if changed else f" (fingerprint {recorded}, now "
+                   f"{stage.fingerprint}: its data or tokenizer changed)")
+                + "; use a new run_dir, or --force-recipe-change to continue anyway")
     if layout.recipe.exists() and layout.recipe.read_text() != text:
         k = 1
         while layout.previous_recipe(k).exists():
@@ -39,6 +45,35 @@ def record_run(recipe: Recipe, plan: Plan, layout: RunLayout, options: RunOption
         shutil.copy2(layout.recipe, layout.previous_recipe(k))
     write_text_atomic(layout.recipe, text)
     write_text_atomic(layout.plan, json.dumps(plan.to_json(), indent=2))
+
+
+def changed_keys(recorded_file: Path, text: str, limit: int = 8) -> list[str]:
+    """`path.to.key (old -> new)` for each value that differs between the recorded recipe and this one."""
+    try:
+        old, new = yaml.safe_load(recorded_file.read_text()), yaml.safe_load(text)
+    except (OSError, yaml.YAMLError):
+        return []
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, list) and isinstance(b, list) and all(isinstance(x, dict) and "name" in x for x in a + b):
+            a, b = {x["name"]: x for x in a}, {x["name"]: x for x in b}  # stages and sources by name
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in [*a, *(k for k in b if k not in a)]:
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        elif a != b:
+            out.append(f"{path} ({_short(a)} -> {_short(b)})")
+
+    for recipe in (old, new):  # where the run lives is not what it is (a moved run dir resumes)
+        if isinstance(recipe, dict):
+            recipe.pop("run_dir", None)
+    walk(old, new, "")
+    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def may_retry_after_gate(layout: RunLayout, plan: Plan, stage: StagePlan) -> bool:

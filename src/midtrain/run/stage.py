@@ -18,6 +18,7 @@ from midtrain.eval.keys import MetricKey
 from midtrain.model import forward_packed, unwrap_model
 from midtrain.model.convert import load_optimizer_except_changed, with_router_aux_loss
 from midtrain.model.head import resolve_loss_chunk_tokens
+from midtrain.model.verify import CheckpointFileError, verify_export
 from midtrain.plan import StagePlan
 from midtrain.run.context import RunContext, StageTarget
 from midtrain.run.evaluate import evaluate_stage
@@ -39,6 +40,7 @@ from midtrain.train.callbacks import (
     TensorBoardLogger,
     ThroughputMonitor,
     WandbLogger,
+    has_row,
     truncate_metrics,
 )
 from midtrain.train.distributed import wrap_model
@@ -79,15 +81,16 @@ def start_stage(ctx: RunContext, stage: StagePlan, target: StageTarget) -> Stage
     if latest is not None:  # resume inside this stage: everything is restored once the optimizer exists
         start.resume = start.optimizer_from = Saved.read(latest)
         start.state = start.resume.trainer
-        if ctx.dist.is_main:
-            dropped = truncate_metrics(target.layout.metrics, start.state.global_step)
+        if ctx.dist.is_main:  # a later stage's rows stay: re-exporting a stage must not erase their history
+            dropped = truncate_metrics(target.layout.metrics, start.state.global_step,
+                                       keep_stages=later_stages(ctx, stage))
             target.metrics.write({"event": "resume", "step": start.state.global_step,
                                   "tokens": start.state.global_tokens, "stage": stage.name,
                                   "checkpoint": str(latest), "superseded_rows": dropped})
         ctx.print(f"resumed stage {stage.name!r} from step {start.state.global_step} ({latest})")
         return start
     if ctx.dist.is_main:
-        truncate_metrics(target.layout.metrics, stage.first_step)
+        truncate_metrics(target.layout.metrics, stage.first_step, keep_stages=later_stages(ctx, stage))
     torch.manual_seed(ctx.recipe.seed + stage.index)
     if stage.index > 0:
         previous = previous_final(ctx, stage)
@@ -106,6 +109,10 @@ def start_stage(ctx: RunContext, stage: StagePlan, target: StageTarget) -> Stage
                           "tokens": start.state.global_tokens, "stage": stage.name, "init": stage.init,
                           "lr": stage.lr_at_step(0)})
     return start
+
+
+def later_stages(ctx: RunContext, stage: StagePlan) -> set[str]:
+    return {s.name for s in ctx.plan.stages[stage.index + 1 :]}
 
 
 def training_state(ctx: RunContext, stage: StagePlan, start: StageStart) -> TrainingState:
@@ -212,7 +219,9 @@ def finish_stage(ctx: RunContext, stage: StagePlan, target: StageTarget, state: 
     export_stage(ctx, stage, model, counters, layout.export)
     evaluate_stage(ctx, stage, model, heldout, "after", counters, str(layout.export), layout.eval_after,
                    export_dir=layout.export)
-    target.metrics.write({"event": "stage_end", "step": counters.global_step, "tokens": counters.global_tokens,
+    # A stage exported again (its export was damaged or removed) has ended before: its history keeps one stage_end.
+    event = "reexport" if has_row(layout.metrics, "stage_end", stage.name) else "stage_end"
+    target.metrics.write({"event": event, "step": counters.global_step, "tokens": counters.global_tokens,
                           "stage": stage.name, "lr": counters.last_lr})
 
 
@@ -234,3 +243,12 @@ def run_stage(ctx: RunContext, stage: StagePlan, guard: PreemptionGuard | None =
 
 def stage_finished(target: StageTarget) -> bool:
     return target.layout.eval_after.is_file() and target.layout.export_info.is_file()
+
+
+def export_problem(target: StageTarget) -> str | None:
+    """Why a finished stage's export cannot be used as it is (a file changed since it was written), or None."""
+    try:
+        verify_export(target.layout.export)
+    except CheckpointFileError as exc:
+        return str(exc)
+    return None

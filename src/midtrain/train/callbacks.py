@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from midtrain.io import write_text_atomic
@@ -32,8 +32,10 @@ class MetricsWriter(Callback):
             self.write(row)
 
 
-def truncate_metrics(path: Path, after_step: int) -> int:
-    """Drops rows logged after `after_step` (they are superseded by the resumed run); atomic rewrite."""
+def truncate_metrics(path: Path, after_step: int, *, keep_stages: Collection[str] = ()) -> int:
+    """Drops rows logged after `after_step` (they are superseded by the resumed run); atomic rewrite. Rows of
+    `keep_stages` (the stages after the one resuming, e.g. when an earlier stage is re-exported) are history that
+    belongs to them and stay."""
     if not path.exists():
         return 0
     kept, dropped = [], 0
@@ -41,16 +43,33 @@ def truncate_metrics(path: Path, after_step: int) -> int:
         if not line.strip():
             continue
         try:
-            step = json.loads(line).get("step", 0)
-        except json.JSONDecodeError:  # a line cut by a kill mid-write
+            row = json.loads(line)
+            step = float(row.get("step", 0))
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):  # a line cut by a kill mid-write
             dropped += 1
             continue
-        if step > after_step:
+        if step > after_step and row.get("stage") not in keep_stages:
             dropped += 1
         else:
             kept.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in kept))
     return dropped
+
+
+def has_row(path: Path, event: str, stage: str) -> bool:
+    """Whether metrics.jsonl at `path` holds a row of `event` for `stage`."""
+    if not path.is_file():
+        return False
+    needle = f'"event": "{event}"'
+    for line in path.read_text().splitlines():
+        if needle in line:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("event") == event and row.get("stage") == stage:
+                return True
+    return False
 
 
 class Every(Callback):

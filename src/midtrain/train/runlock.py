@@ -58,9 +58,12 @@ class RunLock:
 
     def _owner(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            owner = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None  # unreadable or half-written by a process killed while creating it: stale
+        if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+            return None  # not a lock midtrain wrote: as stale as an unreadable one
+        return owner
 
     def __exit__(self, *exc: object) -> None:
         owner = self._owner()
