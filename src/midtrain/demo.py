@@ -256,11 +256,12 @@ def install_base(export: Path, metrics: dict, dest: Path = DEMO_BASE) -> Path:
     import shutil
 
     from midtrain.io import publish_dir
+    from midtrain.model.verify import MANIFEST
     from midtrain.run import PROBE_FILE
 
     def write(tmp: Path) -> None:
         for item in export.iterdir():
-            if item.is_file() and item.name != PROBE_FILE:  # the export's load check, not part of the model
+            if item.is_file() and item.name not in (PROBE_FILE, MANIFEST):  # the export's checks, not the model
                 shutil.copy2(item, tmp / item.name)
         provenance = {"rebuild": "midtrain demo --build-base", "recipe": "src/midtrain/recipes/demo-base.yaml",
                       "metrics": metrics}

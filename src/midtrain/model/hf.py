@@ -20,7 +20,7 @@ from midtrain import faults
 from midtrain.io import publish_dir
 from midtrain.layout import EXPORT_INFO
 from midtrain.model.presets import check_rope_support
-from midtrain.model.verify import FILES_KEY, CheckpointFileError, check_loadable, file_manifest
+from midtrain.model.verify import CheckpointFileError, check_loadable, write_manifest
 
 _WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
 
@@ -142,9 +142,9 @@ def save_hf_checkpoint(
 
     Written into `out_dir.tmp-<pid>`, fsynced, then renamed over `out_dir`, so readers see the old export or the
     new one, never a partial one. `state_dict` overrides the model's own (e.g. a gathered FSDP full state dict).
-    `extra` is written as `midtrain.json` with the sizes and sha256 of every other file; `extra_tensors` ({file name:
-    tensors}) as further safetensors files (e.g. a round-trip probe). The model's config is left as it was. Call on
-    one rank only.
+    `extra` is written as `midtrain.json`, `extra_tensors` ({file name: tensors}) as further safetensors files (e.g.
+    a round-trip probe), and `midtrain_files.json` last with the size and sha256 of every other file. The model's
+    config is left as it was. Call on one rank only.
     """
     inner = unwrap_model(model)
     config = inner.config
@@ -166,9 +166,9 @@ def save_hf_checkpoint(
             tokenizer.save_pretrained(tmp)
         for name, tensors in (extra_tensors or {}).items():
             save_file(tensors, str(tmp / name))
-        if extra is not None:  # last: it records the checksums of every other file (model.verify.verify_export)
-            record = {**extra, FILES_KEY: file_manifest(tmp)}
-            (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if extra is not None:
+            (tmp / EXPORT_INFO).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp)  # last: sizes and sha256 of every other file (model.verify.verify_export)
         faults.point("export.mid_write")  # test-only: export complete in its temp dir, not yet in place
 
     return publish_dir(Path(out_dir), write)

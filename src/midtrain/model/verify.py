@@ -13,36 +13,35 @@ import struct
 from pathlib import Path
 
 from midtrain.io import sha256_file
-from midtrain.layout import EXPORT_INFO
 
-FILES_KEY = "files"  # midtrain.json: {file name: {"bytes": n, "sha256": hex}} of every other file of the export
+MANIFEST = "midtrain_files.json"  # {"files": {name: {"bytes": n, "sha256": hex}}} of every other file; written last
 
 
 class CheckpointFileError(ValueError):
     """A checkpoint file is missing, damaged or inconsistent; the message starts with the file's path."""
 
 
-def file_manifest(directory: Path) -> dict[str, dict]:
-    """Sizes and sha256 of every file in `directory` except midtrain.json (which records them)."""
-    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(directory.iterdir()) if p.is_file() and p.name != EXPORT_INFO}
+def write_manifest(directory: Path) -> None:
+    """Records the size and sha256 of every file in `directory` (call last, once the directory is complete)."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=2, sort_keys=True) + "\n")
 
 
 def verify_export(directory: Path) -> None:
-    """Every file midtrain.json lists is there with its recorded size and sha256 (exports written before checksums
-    were recorded pass unchecked)."""
-    info_path = directory / EXPORT_INFO
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointFileError(f"{info_path}: unreadable ({exc})") from None
-    listed = info.get(FILES_KEY) if isinstance(info, dict) else None
-    if listed is None:
+    """Every file the manifest lists is there with its recorded size and sha256 (an export written before
+    manifests existed passes unchecked; a missing manifest of one that had it is caught by its listed files)."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
         return
+    try:
+        listed = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointFileError(f"{manifest_path}: unreadable ({exc})") from None
     for name, meta in listed.items():
         path = directory / name
         if not path.is_file():
-            raise CheckpointFileError(f"{path}: listed in {EXPORT_INFO} but missing")
+            raise CheckpointFileError(f"{path}: listed in {MANIFEST} but missing")
         if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
             raise CheckpointFileError(f"{path}: checksum mismatch (the file changed after midtrain wrote it)")
 
