@@ -12,4 +12,5 @@ SUITES = (
     "benchmarks.data",
     "benchmarks.loss",
     "benchmarks.integrity",
+    "benchmarks.threads",
 )

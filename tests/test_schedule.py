@@ -253,3 +253,12 @@ def test_plot_writes_png(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["lr.png"]  # no temp file left behind
     with pytest.raises(ValueError, match="schedules"):
         plot_schedules([], tmp_path / "x.png")
+
+
+def test_the_lr_plot_is_written_with_the_mode_of_any_new_file(tmp_path):
+    """It was written through mkstemp, which makes files 0600: a plot others could not read (issue 24)."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    out = plot_schedules([("s", LRSchedule(kind="constant", peak_lr=1e-3, horizon_tokens=1000), 0)], tmp_path / "lr.png")
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -100,7 +100,7 @@ def build_plan(recipe: Recipe) -> Plan:
         start_lr: float | None
         if stage.start_lr == "from_previous":
             start_lr = stages[-1].last_lr
-            if start_lr == 0.0:
+            if start_lr == 0.0 and s.warmup_tokens == 0:  # a warm-up rises from 0 to the peak: nothing to warn
                 warnings.append(
                     f"stage {stage.name!r}: start_lr from_previous is 0 (stage {stages[-1].name!r} decays to 0); "
                     "without warm-up this stage trains at LR 0"

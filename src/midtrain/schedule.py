@@ -6,12 +6,14 @@ batch size or replaying a step can never drift or be off by one.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from midtrain.io import write_bytes_atomic
 
 Kind = Literal["constant", "cosine", "linear", "wsd"]
 DecayShape = Literal["linear", "cosine", "1-sqrt", "exponential"]
@@ -174,12 +176,7 @@ def plot_schedules(schedules: list[tuple[str, LRSchedule, int]], path: str | os.
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=out.suffix.lstrip(".") or "png")
-        os.replace(tmp, out)  # readers never see a half-written image
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=out.suffix.lstrip(".") or "png")
+    write_bytes_atomic(out, buffer.getvalue())  # readers never see a half-written image; mode as any new file
     return out

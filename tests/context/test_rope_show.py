@@ -36,3 +36,23 @@ def test_plot_is_written_atomically(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["rope.png"]  # no temp file left
     assert str(path) in out
+
+
+def test_rope_show_reads_the_rotary_settings_of_a_checkpoint(tmp_path):
+    """head_dim, base and partial rotary from config.json; L0 from the export's record of its training length
+    (issue 24: it assumed head_dim 64 / L0 256 whatever the model)."""
+    from typer.testing import CliRunner
+
+    from midtrain.cli import app
+    from midtrain.model import build_model, preset_config, save_hf_checkpoint
+
+    config = preset_config("tiny-llama", vocab_size=300)
+    config.rope_parameters = {"rope_type": "default", "rope_theta": 50000.0}
+    out = save_hf_checkpoint(build_model(config, seed=0), None, tmp_path / "hf", extra={"seq_len": 96})
+    head_dim = config.hidden_size // config.num_attention_heads
+    result = CliRunner().invoke(app, ["rope", "show", "--method", "linear", "--factor", "2", "--checkpoint", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"head_dim {head_dim} " in result.output and "base 50000, L0 96, target 192" in result.output
+    (out / "midtrain.json").unlink()  # a plain HF checkpoint: L0 is not guessed from max_position_embeddings
+    result = CliRunner().invoke(app, ["rope", "show", "--method", "linear", "--factor", "2", "--checkpoint", str(out)])
+    assert result.exit_code == 2 and "does not record L0" in result.output

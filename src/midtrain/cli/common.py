@@ -15,7 +15,8 @@ from rich.console import Console
 if TYPE_CHECKING:
     from midtrain.config import Recipe
 
-__all__ = ["EXIT_RECIPE", "EXIT_RUN", "SetOpt", "console", "err", "escape", "fail", "load_recipe_or_exit"]
+__all__ = ["EXIT_RECIPE", "EXIT_RUN", "SetOpt", "ThreadsOpt", "console", "err", "escape", "fail", "load_recipe_or_exit",
+           "parse_threads"]
 
 # Logs and CI are not terminals: give tables room instead of rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -31,6 +32,20 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a recipe key: a.b=c (stages by name).", show_default=False),
 ]
 """The repeatable `--set a.b=c` option of the commands that load a recipe."""
+
+
+ThreadsOpt = Annotated[Optional[str], typer.Option(
+    "--threads", help="torch CPU threads per process: N, or auto (this process's share of the cores the load leaves "
+    "idle). Default: the recipe's `threads`, else auto.", show_default=False)]
+
+
+def parse_threads(text: str | None) -> int | str | None:
+    """`--threads`: None, `auto`, or a positive int; anything else exits 2 naming the option."""
+    if text is None or text == "auto":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    fail(f"--threads {text!r}: expected a positive number of threads or auto", EXIT_RECIPE)
 
 
 def fail(message: str, code: int) -> NoReturn:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from midtrain.cli.common import EXIT_RECIPE, EXIT_RUN, console, escape, fail
+from midtrain.cli.common import EXIT_RECIPE, EXIT_RUN, ThreadsOpt, console, escape, fail, parse_threads
 
 
 def _csv(text: str, kind: type, what: str) -> list:
@@ -36,6 +36,7 @@ def eval_command(
     seq_len: Annotated[int, typer.Option(min=16, help="Row length for the held-out loss.")] = 1024,
     precision: Annotated[str, typer.Option(help="fp32 or bf16-mixed.")] = "fp32",
     out: Annotated[Optional[Path], typer.Option(help="Write the results JSON here (docs/CONTRACTS.md §4).")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Evaluate a checkpoint: held-out loss, perplexity vs length, passkey, NIAH, RULER-style, arithmetic."""
     import json
@@ -70,7 +71,10 @@ def eval_command(
     if not checkpoint.is_dir():
         fail(escape(f"{checkpoint}: no such checkpoint directory"), EXIT_RECIPE)
     from midtrain.data import DataError
+    from midtrain.threads import apply_threads
 
+    chosen = apply_threads(parse_threads(threads) or "auto")
+    console.print(f"threads: {chosen.threads} ({chosen.why})", highlight=False)
     try:
         result = _evaluate_checkpoint(checkpoint, spec, data or [], max_docs, seq_len, precision)
     except (FileNotFoundError, RuntimeError, ValueError, DataError) as exc:

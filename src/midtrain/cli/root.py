@@ -11,7 +11,18 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from midtrain.cli.common import EXIT_RECIPE, EXIT_RUN, SetOpt, console, err, escape, fail, load_recipe_or_exit
+from midtrain.cli.common import (
+    EXIT_RECIPE,
+    EXIT_RUN,
+    SetOpt,
+    ThreadsOpt,
+    console,
+    err,
+    escape,
+    fail,
+    load_recipe_or_exit,
+    parse_threads,
+)
 from midtrain.cli.data import data_app
 from midtrain.cli.eval import eval_command
 from midtrain.cli.merge import merge_command
@@ -29,7 +40,7 @@ app.add_typer(recipe_app, name="recipe")
 
 def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False, wandb: bool = False,
          override_gates: tuple[str, ...] = (), fallback_checkpoint: bool = False,
-         profile_steps: tuple[int, int] | None = None):
+         profile_steps: tuple[int, int] | None = None, threads: int | str | None = None):
     from midtrain.data import DataError
     from midtrain.run import EXIT_GATE, GateFailed, RunError, RunOptions, run
     from midtrain.train import checkpoint
@@ -40,7 +51,7 @@ def _run(recipe, *, force_recipe_change: bool = False, tensorboard: bool = False
     try:
         options = RunOptions(force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
                              console=console, override_gates=override_gates,
-                             fallback_checkpoint=fallback_checkpoint, profile_steps=profile_steps)
+                             fallback_checkpoint=fallback_checkpoint, profile_steps=profile_steps, threads=threads)
         return run(recipe, options)
     except GateFailed as exc:
         fail(escape(str(exc)), EXIT_GATE)
@@ -74,6 +85,7 @@ def run(
     profile_steps: Annotated[Optional[str], typer.Option(
         help="Trace global steps A:B (or one step A) with torch.profiler into RUN/profile/ (Chrome trace + top ops).",
         show_default=False)] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run a recipe, or resume it from its run directory's newest checkpoint. Exit 3: a stage failed its gate."""
     from midtrain.train.profiling import parse_step_range
@@ -85,7 +97,7 @@ def run(
     loaded = load_recipe_or_exit(recipe, set_)
     ctx = _run(loaded, force_recipe_change=force_recipe_change, tensorboard=tensorboard, wandb=wandb,
                override_gates=tuple(override_gate or ()), fallback_checkpoint=fallback_checkpoint,
-               profile_steps=steps)
+               profile_steps=steps, threads=parse_threads(threads) or (None if loaded.threads else "auto"))
     if ctx.dist.is_main:
         _print_summary(ctx.run_dir, [s.name for s in ctx.plan.stages])
 

@@ -17,11 +17,18 @@ def show(
     method: Annotated[str, typer.Option(help="Method(s), comma-separated: default, linear, ntk, dynamic, abf, yarn, "
                                               "llama3, longrope.")] = "yarn",
     factor: Annotated[Optional[float], typer.Option(help="Scale factor s = L / L0.")] = None,
-    base: Annotated[float, typer.Option(help="The model's rope_theta.")] = 10000.0,
-    head_dim: Annotated[int, typer.Option(help="Attention head dimension.")] = 64,
-    original: Annotated[int, typer.Option(help="L0: the context the model was trained at.")] = 256,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Read head_dim, rope_theta, partial rotary and L0 from this HF checkpoint's config.json.",
+        show_default=False)] = None,
+    base: Annotated[Optional[float], typer.Option(help="The model's rope_theta [default: 10000].",
+                                                  show_default=False)] = None,
+    head_dim: Annotated[Optional[int], typer.Option(help="Attention head dimension [default: 64].",
+                                                    show_default=False)] = None,
+    original: Annotated[Optional[int], typer.Option(help="L0: the context the model was trained at [default: 256].",
+                                                    show_default=False)] = None,
     target: Annotated[Optional[int], typer.Option(help="Sequence length to show (default s * L0).")] = None,
-    partial_rotary_factor: Annotated[float, typer.Option(help="Fraction of head_dim that rotates.")] = 1.0,
+    partial_rotary_factor: Annotated[Optional[float], typer.Option(
+        help="Fraction of head_dim that rotates [default: 1.0].", show_default=False)] = None,
     param: Annotated[Optional[list[str]], typer.Option(
         "--param", help="Method parameter KEY=VALUE, e.g. beta_fast=4 or rope_theta=5e5 (repeatable).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write wavelength vs scale factor to this PNG.")] = None,
@@ -29,6 +36,14 @@ def show(
     """Print per-dimension wavelengths, scale factors and the attention factor of one or more methods."""
     from midtrain.context.rope import coerce_param, rope_show
 
+    given = {"base": base, "head_dim": head_dim, "original": original, "partial_rotary_factor": partial_rotary_factor}
+    fallback = {"base": 10000.0, "head_dim": 64, "original": 256, "partial_rotary_factor": 1.0}
+    if checkpoint is not None:
+        fallback = {**{k: v for k, v in fallback.items() if k != "original"}, **_checkpoint_rotary(checkpoint)}
+        if original is None and "original" not in fallback:
+            fail(escape(f"--checkpoint {checkpoint}: its config does not record L0 (original_max_position_embeddings);"
+                        " pass --original, the length it was trained at"), EXIT_RECIPE)
+    base, head_dim, original, partial_rotary_factor = (v if v is not None else fallback[k] for k, v in given.items())
     for problem in show_argument_problems(factor, base, head_dim, original, target, partial_rotary_factor, plot):
         fail(escape(problem), EXIT_RECIPE)
 
@@ -119,6 +134,33 @@ def search(
         f"best loss at {target_length}: {result.best_loss:.4f} (ppl {result.best_ppl:.3f}); YaRN-ramp start "
         f"{result.init_loss:.4f} (ppl {result.init_ppl:.3f}); {result.evaluations} candidates evaluated\n"
         f"recipe snippet: {out / 'rope.yaml'}  history: {out / 'history.json'}", highlight=False)
+
+
+def _checkpoint_rotary(checkpoint: Path) -> dict:
+    """head_dim, rope_theta, partial rotary factor and, where its config records it, L0 (a config's
+    max_position_embeddings is not always the length it was trained at, so L0 is never guessed from it)."""
+    import transformers
+
+    from midtrain.context.methods import RotarySpec
+
+    if not (checkpoint / "config.json").is_file():
+        fail(escape(f"--checkpoint {checkpoint}: no config.json there"), EXIT_RECIPE)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
+        spec = RotarySpec.from_config(config)
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        fail(escape(f"--checkpoint {checkpoint}: cannot read its rotary settings ({exc})"), EXIT_RECIPE)
+    original = spec.original_max_position_embeddings
+    info = checkpoint / "midtrain.json"  # a midtrain export records the length its stage trained at
+    if original is None and info.is_file():
+        import json
+
+        try:
+            original = json.loads(info.read_text()).get("seq_len")
+        except ValueError:
+            original = None
+    return {"base": spec.base, "head_dim": spec.head_dim, "partial_rotary_factor": spec.partial_rotary_factor,
+            **({"original": int(original)} if original else {})}
 
 
 def _config_original(checkpoint: Path) -> int | None:

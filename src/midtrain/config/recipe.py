@@ -413,6 +413,9 @@ class Recipe(_Strict):
     precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
     distributed: Literal["none", "ddp", "fsdp2"] = "none"
     compile: bool = False
+    # torch CPU threads per process: auto = this rank's share of the cores the load average leaves idle (threads.py);
+    # null: `midtrain run` chooses auto, library callers keep torch's setting
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     # recompute each decoder layer in backward: activation memory ~1/n_layers of the stored case for ~1.3x compute
     activation_checkpointing: bool = False
     # cross-entropy with the lm_head applied this many tokens at a time, never the full [tokens, vocab] fp32 logits:

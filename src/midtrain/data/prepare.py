@@ -68,8 +68,9 @@ def apply_special_tokens(recipe: Recipe, tokenizer) -> int:
 
 
 def tokenize_recipe_sources(recipe: Recipe, tokenizer, *, cache_dir: Path | None = None,
-                            report_dir: Path | None = None) -> list[TokenizedSource]:
-    """Tokenize (or load from the cache) every source of the recipe, in recipe order; write reports."""
+                            report_dir: Path | None = None, on_source=None) -> list[TokenizedSource]:
+    """Tokenize (or load from the cache) every source of the recipe, in recipe order; write reports.
+    `on_source(source)` is called as each one is ready (progress)."""
     cache = cache_dir if cache_dir is not None else default_cache_dir()
     decon = build_decontaminator(recipe)
     out: list[TokenizedSource] = []
@@ -83,6 +84,8 @@ def tokenize_recipe_sources(recipe: Recipe, tokenizer, *, cache_dir: Path | None
             cache_dir=cache, decontaminator=decon if s.decontaminate else None, instruction=instruction))
         if out[-1].skips.total:
             log.warning("source %r: %s", s.name, out[-1].skips)
+        if on_source is not None:
+            on_source(out[-1])
     if report_dir is not None:
         write_reports(out, report_dir)
     return out
@@ -116,6 +119,26 @@ class SourceUse:
     @property
     def over_cap(self) -> bool:
         return self.max_epochs is not None and self.epochs_cumulative > self.max_epochs + 1e-9
+
+
+def data_warnings(recipe: Recipe, sources: list[TokenizedSource]) -> list[str]:
+    """What a user should hear before training on this data: sources read more than once over the run, and sources
+    whose evaluation hold-out is a large share of their documents."""
+    out = []
+    last: dict[str, SourceUse] = {}
+    for use in mixture_usage(recipe, sources):
+        last[use.source] = use
+    for use in last.values():
+        if use.epochs_cumulative > 1.5 and not use.over_cap:  # caps are errors already (check_epoch_caps)
+            out.append(f"source {use.source!r} repeats: {use.epochs_cumulative:.1f} epochs by the end of stage "
+                       f"{use.stage!r} (`midtrain data inspect` shows it per stage; add data, lower its weight, or cap "
+                       "it with max_epochs)")
+    for s in sources:
+        held = int(s.meta.get("holdout", {}).get("n_docs", 0))
+        if held and held >= 0.2 * (held + s.n_docs):
+            out.append(f"source {s.name!r}: {held} of its {held + s.n_docs} documents are held out for evaluation "
+                       "(holdout_docs); a small source trains on more of itself with a lower holdout_docs")
+    return out
 
 
 def mixture_usage(recipe: Recipe, sources: list[TokenizedSource]) -> list[SourceUse]:

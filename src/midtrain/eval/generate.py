@@ -6,6 +6,7 @@ checkpoint change the scores, and the same prompts always give the same tokens.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -48,12 +49,12 @@ def _greedy_batch(model, prompts: list[list[int]], max_new: int, pad_id: int, eo
     new_tokens: list[torch.Tensor] = []
     past = None
     step_ids = ids
+    cache_arg = cache_argument(model)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         for _ in range(max_new):
             out = model(input_ids=step_ids, attention_mask=mask if padded else None, position_ids=positions,
-                        past_key_values=past,
-                        use_cache=True)
-            past = out.past_key_values
+                        use_cache=True, **{cache_arg: past})
+            past = out.cache if cache_arg == "cache" else out.past_key_values
             token = out.logits[:, -1].float().argmax(-1)
             token = torch.where(done, torch.full_like(token, pad_id), token)
             new_tokens.append(token)
@@ -71,3 +72,9 @@ def _greedy_batch(model, prompts: list[list[int]], max_new: int, pad_id: int, eo
             row = row[: row.index(eos_id)]
         outs.append(row)
     return outs
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The KV-cache keyword of the model's forward: `cache` from transformers 5.24 (where `past_key_values` warns
+    that it is deprecated on every call), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -33,6 +33,7 @@ class RunOptions:
     override_gates: tuple[str, ...] = ()  # stages whose failed gate is accepted (`--override-gate`)
     fallback_checkpoint: bool = False  # a corrupted newest checkpoint: resume from the previous good one
     profile_steps: tuple[int, int] | None = None  # global steps A..B traced by torch.profiler into RUN/profile/
+    threads: int | str | None = None  # `--threads` (int or auto): overrides the recipe's `threads`
 
 
 @dataclass

@@ -22,6 +22,7 @@ from midtrain.run.preflight import preflight
 from midtrain.run.record import record_run
 from midtrain.run.setup import tokenize_all
 from midtrain.run.stage import export_problem, run_stage, stage_finished
+from midtrain.threads import apply_threads
 from midtrain.train.distributed import barrier, init_distributed
 from midtrain.train.precision import resolve_precision
 from midtrain.train.preemption import Preempted, PreemptionGuard
@@ -35,6 +36,8 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
     plan = build_plan(recipe)
     checks = preflight(recipe, plan, world_size=dist.world_size, device=dist.device, options=options)
     checks.raise_for_problems()  # before the run dir, the lock or tokenizing: fail in seconds
+    requested = options.threads if options.threads is not None else recipe.threads
+    threads = apply_threads(requested) if requested is not None else None  # None: a library caller's own setting
     layout = RunLayout(recipe.run_dir)
     lock = RunLock(layout.root) if dist.is_main else contextlib.nullcontext()
     with lock, PreemptionGuard() as guard:
@@ -46,11 +49,14 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunContext:
         if dist.is_main:
             record_run(recipe, plan, layout, options)
         barrier()
-        sources = tokenize_all(recipe, checks.tokenizer, dist, layout.data)
+        log = (lambda line: print(line, flush=True)) if dist.is_main else None  # no context (console) yet
+        sources = tokenize_all(recipe, checks.tokenizer, dist, layout.data, log=log)
         precision = resolve_precision(recipe.precision, dist.device)
         ctx = RunContext(recipe, plan, dist, layout, checks.tokenizer, sources,
                          [s.domain_name for s in recipe.sources], options, precision)
         ctx.print(f"precision: {precision} (recipe: {recipe.precision}; device: {dist.device})")
+        if threads is not None:
+            ctx.print(f"threads: {threads.threads} ({threads.why})")
         for warning in checks.warnings:
             ctx.print(f"warning: {warning}")
         try:

@@ -36,6 +36,7 @@ def export_stage(ctx: RunContext, stage: StagePlan, model, state: TrainerState, 
         "tokens": state.global_tokens,
         "last_lr": state.last_lr,
         "fingerprint": stage.fingerprint,
+        "seq_len": stage.seq_len,  # the context the stage trained at: the next extension's L0 (`rope show`)
     }
     try:
         save_hf_checkpoint(plain, ctx.tokenizer, out, extra=extra,

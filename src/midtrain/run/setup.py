@@ -13,7 +13,7 @@ from midtrain.data import PackedLoader, TokenizedSource, byte_tokenizer, default
 from midtrain.data.instruct import resize_embeddings
 from midtrain.data.loader import BranchLoader
 from midtrain.data.mixture import source_buckets
-from midtrain.data.prepare import apply_special_tokens, check_epoch_caps, tokenize_recipe_sources
+from midtrain.data.prepare import apply_special_tokens, check_epoch_caps, data_warnings, tokenize_recipe_sources
 from midtrain.eval.heldout import pack_documents
 from midtrain.model import build_model, load_model, load_tokenizer, preset_config
 from midtrain.model.convert import convert_model, converted_skeleton, describe
@@ -47,20 +47,28 @@ def base_config(recipe: Recipe, tokenizer):
     return transformers.AutoConfig.from_pretrained(base.name, local_files_only=not base.allow_hub)
 
 
-def tokenize_all(recipe: Recipe, tokenizer, dist: DistInfo, report_dir: Path) -> list[TokenizedSource]:
-    """Rank 0 fills the shared cache first; the other ranks then read it (no duplicate work, no races)."""
+def tokenize_all(recipe: Recipe, tokenizer, dist: DistInfo, report_dir: Path, log=None) -> list[TokenizedSource]:
+    """Rank 0 fills the shared cache first; the other ranks then read it (no duplicate work, no races). `log` gets a
+    line per source as it is ready (tokenizing a large source takes a while)."""
     cache = default_cache_dir()
     apply_special_tokens(recipe, tokenizer)  # every rank: the tokenizer object is per process
 
-    def tokenize_every_source(reports: Path | None) -> list[TokenizedSource]:
-        return tokenize_recipe_sources(recipe, tokenizer, cache_dir=cache, report_dir=reports)
+    def tokenize_every_source(reports: Path | None, on_source=None) -> list[TokenizedSource]:
+        return tokenize_recipe_sources(recipe, tokenizer, cache_dir=cache, report_dir=reports, on_source=on_source)
 
-    sources = tokenize_every_source(report_dir) if dist.is_main else None
+    def progress(source: TokenizedSource) -> None:
+        if log is not None:
+            log(f"data: source {source.name!r}: {source.n_docs:,} documents, {source.n_tokens:,} tokens")
+
+    sources = tokenize_every_source(report_dir, progress) if dist.is_main else None
     barrier()
     sources = sources if sources is not None else tokenize_every_source(None)
     problems = check_epoch_caps(recipe, sources)
     if problems:
         raise RunError("\n".join(problems) + "\n(raise max_epochs, add data, or lower the weights)")
+    if log is not None and dist.is_main:
+        for warning in data_warnings(recipe, sources):
+            log(f"warning: {warning}")
     return sources
 
 

@@ -112,7 +112,10 @@ def start_stage(ctx: RunContext, stage: StagePlan, target: StageTarget) -> Stage
 
 
 def later_stages(ctx: RunContext, stage: StagePlan) -> set[str]:
-    return {s.name for s in ctx.plan.stages[stage.index + 1 :]}
+    """The stages after `stage` that will continue from state of their own (a checkpoint or an export) rather than
+    train again: their rows in metrics.jsonl are history a resume of `stage` must keep."""
+    return {s.name for s in ctx.plan.stages[stage.index + 1 :]
+            if ckpt.latest_checkpoint(ctx.stage_layout(s).checkpoints) or ctx.stage_layout(s).export_info.is_file()}
 
 
 def training_state(ctx: RunContext, stage: StagePlan, start: StageStart) -> TrainingState:
@@ -168,6 +171,11 @@ def build_trainer(ctx: RunContext, stage: StagePlan, target: StageTarget, start:
                "stage_step": st.stage_step, "stage_tokens": st.stage_step * stage.batch_tokens}
         row.update({("val_" + k): v for k, v in metrics.items() if MetricKey.parse(k).task == "loss"})
         target.metrics.write(row)
+        if ctx.options.progress:  # the held-out loss is the number a user watches for forgetting
+            domains = ", ".join(f"{k.removeprefix('val_loss.')} {v:.4f}" for k, v in row.items()
+                                if k.startswith("val_loss."))
+            ctx.print(f"{stage.name} val step {st.global_step}: loss {row.get('val_loss', float('nan')):.4f}"
+                      + (f" ({domains})" if domains else ""))
 
     ledger = DocumentLedger(GlobalSourceIds(state.loader, start.used), state.loader)  # a skipped batch's documents
     # GNS edits the row the metrics writer logs; the averager updates before a checkpoint saves it.
