@@ -8,6 +8,7 @@ import pytest
 
 import midtrain.data.tokenize as tokenize_mod
 from midtrain.data import DataError, token_dtype, tokenize_source
+from midtrain.data.tokenize import TokenizedSource
 
 from .corpus import random_texts, write_jsonl
 
@@ -120,13 +121,17 @@ def test_skips_are_recorded(tmp_path, tok):
     assert again.cache_hit and again.skips.counts == {"not_string": 1}
 
 
-def test_corrupt_cache_is_reported(tmp_path, tok):
+def test_corrupt_cache_is_reported_and_rebuilt(tmp_path, tok):
+    """Read as it is, a resized cache file is an error naming it; through the pipeline (what runs use) the cache is
+    verified first and the source tokenized again (issue 25's remedy)."""
     f = write_jsonl(tmp_path / "d.jsonl", ["hello world"])
     s = tokenize_source("s", f, "text", tok, holdout_docs=0, cache_dir=tmp_path / "c")
     with open(s.directory / "tokens.bin", "ab") as fh:
         fh.write(b"\0\0")
     with pytest.raises(DataError, match="tokens.bin: size"):
-        tokenize_source("s", f, "text", tok, holdout_docs=0, cache_dir=tmp_path / "c")
+        TokenizedSource.load("s", s.directory)
+    rebuilt = tokenize_source("s", f, "text", tok, holdout_docs=0, cache_dir=tmp_path / "c")
+    assert not rebuilt.cache_hit and rebuilt.doc(0).tolist() == s.doc(0).tolist()
 
 
 def test_special_token_text_inside_a_document_stays_text(tmp_path, tok):

@@ -182,3 +182,24 @@ def test_a_garbage_lock_file_is_replaced_with_a_note(finished, tmp_path):
     result = midtrain("run", str(recipe), *args, cache=cache)
     assert "note: replaced an unreadable lock file" in result.stdout
     assert not RunLayout(tmp_path / "run").lock.exists()
+
+
+def test_a_changed_token_cache_is_detected_and_tokenized_again(tmp_path, caplog):
+    from midtrain.data import byte_tokenizer, tokenize_source
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document number {i} " * 8}) + "\n" for i in range(30)))
+    first = tokenize_source("docs", data, "text", byte_tokenizer(), holdout_docs=2, cache_dir=tmp_path / "cache")
+    original = (first.directory / "tokens.bin").read_bytes()
+    assert "files" in first.meta and first.meta["files"]["tokens.bin"]["bytes"] == len(original)
+    damaged = bytearray(original)
+    damaged[10] ^= 0x01  # same size: only a checksum sees it
+    (first.directory / "tokens.bin").write_bytes(bytes(damaged))
+    with caplog.at_level("WARNING", logger="midtrain"):
+        again = tokenize_source("docs", data, "text", byte_tokenizer(), holdout_docs=2, cache_dir=tmp_path / "cache")
+    assert "tokens.bin: checksum mismatch" in caplog.text and "re-tokenizing source 'docs'" in caplog.text
+    assert not again.cache_hit and (again.directory / "tokens.bin").read_bytes() == original
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="midtrain"):
+        third = tokenize_source("docs", data, "text", byte_tokenizer(), holdout_docs=2, cache_dir=tmp_path / "cache")
+    assert third.cache_hit and "mismatch" not in caplog.text

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -31,12 +32,15 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from midtrain import faults
+from midtrain.data.cache_check import cache_problem, file_digests
 from midtrain.data.decontam import Decontaminator
 from midtrain.data.errors import DataError
 from midtrain.data.instruct import InstructionFormat, SkipRecord, encode_record
 from midtrain.data.sources import SkipReport, is_remote, iter_documents, iter_records, list_files, open_binary
 from midtrain.data.tokenizer import tokenizer_fingerprint
 from midtrain.io import sha256_file
+
+log = logging.getLogger("midtrain")
 
 FORMAT_VERSION = 1
 CHUNK_CHARS = 4 << 20  # texts per encode call: big enough to keep the Rust threads busy, small enough for RAM
@@ -313,7 +317,13 @@ def tokenize_source(
     fp = source_fingerprint(path, text_field, tokenizer, holdout_docs, extra if any(extra) else None)
     final = root / "tok" / fp
     if (final / "meta.json").exists():
-        return TokenizedSource.load(name, final)
+        problem = cache_problem(final, root / "verified" / f"{fp}.json")
+        if problem is None:
+            return TokenizedSource.load(name, final)
+        log.warning("%s; re-tokenizing source %r", problem, name)  # the remedy: the cache is rebuilt from the data
+        aside = final.with_name(f".{fp}.damaged-{os.getpid()}")
+        os.rename(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
     dtype = token_dtype(len(tokenizer))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -434,6 +444,7 @@ def tokenize_source(
         if instruction is not None:
             mask_total = int(np.fromfile(tmp / "mask.bin", dtype=np.uint8).sum(dtype=np.int64))
             meta["loss_tokens"] = mask_total  # tokens that carry loss (the rest is prompt)
+        meta["files"] = file_digests(tmp)  # checked before a later run uses the cache (data/cache_check.py)
         _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         try:
             os.rename(tmp, final)
