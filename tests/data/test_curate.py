@@ -88,3 +88,57 @@ def test_minhash_and_exact_dedup_with_stats(tmp_path):
     assert (mh["documents"], mh["removed"]) == (16, 4)
     saved = json.loads((tmp_path / "run" / "data" / "curation" / "web.json").read_text())
     assert saved["steps"] == result["steps"]
+
+
+def _article(seed: int) -> str:
+    """Varied English-like web prose that the web-quality filters keep: 14 full sentences, stop words, punctuation."""
+    rng = random.Random(seed)
+    vocab = sorted({w for t in prose_texts(400) for w in re.findall(r"[a-z]{4,9}", t.lower())})
+
+    def w() -> str:
+        return rng.choice(vocab)
+
+    return "\n".join(f"The {w()} of the {w()} was {w()} and {w()}, so we {w()} it with {w()} {w()} that {w()}."
+                     for _ in range(14))
+
+
+def _two_source_recipe(tmp_path, curation: str):
+    write_jsonl(tmp_path / "web.jsonl", [_article(i) for i in range(6)] + ["buy now " * 200])
+    write_jsonl(tmp_path / "math.jsonl", [f"{a} + {b} = {a + b}" for a in range(1, 9) for b in range(1, 4)])
+    (tmp_path / "r.yaml").write_text(
+        f"base: preset:tiny-llama\ntokenizer: bytes\nrun_dir: {tmp_path / 'run'}\n"
+        "sources:\n  - {name: web, path: web.jsonl, domain: general}\n  - {name: math, path: math.jsonl}\n"
+        f"curation: {curation}\n"
+        "stages:\n  - {name: s, tokens: 1024, seq_len: 64, batch: {tokens: 256}, "
+        "schedule: {kind: constant, peak_lr: 1e-3}, data: {mixture: {web: 0.5, math: 0.5}}}\n")
+    return load_recipe(tmp_path / "r.yaml")
+
+
+def test_auto_filters_clean_web_text_and_keep_curated_math(tmp_path):
+    """Issue 24: the web filters applied to every source deleted curated math and code, then crashed the next job."""
+    from midtrain.data.curate import curate
+
+    results = curate(_two_source_recipe(tmp_path, "{minhash: false, exact_dedup: false}"))
+    web, math = results["web"]["removal"], results["math"]["removal"]
+    assert math == {"documents": 24, "kept": 24, "filters": [], "removed": {}}  # curated data: no web heuristics
+    assert web["filters"] == ["gopher_repetition", "gopher_quality", "c4", "fineweb"]
+    assert web["documents"] == 7 and web["kept"] == 6 and sum(web["removed"].values()) == 1  # the spam page
+    assert "warning" not in web and "warning" not in math
+
+
+def test_filters_that_empty_a_source_stop_with_its_name_and_filters(tmp_path):
+    from midtrain.data.curate import curate
+    from midtrain.data.errors import DataError
+
+    recipe = _two_source_recipe(tmp_path, "{per_source: {math: [gopher_quality]}, minhash: false}")
+    with pytest.raises(DataError, match=r"curation of source 'math': its filters removed all 24 documents "
+                                        r"\(0 of 24 kept; Gopher Quality: 24\); give it other filters"):
+        curate(recipe)
+
+
+def test_a_source_mostly_removed_is_warned_about(tmp_path):
+    from midtrain.data.curate import curate
+
+    recipe = _two_source_recipe(tmp_path, "{per_source: {web: [gopher_repetition]}, minhash: false, warn_removed: 0.1}")
+    web = curate(recipe, only=["web"])["web"]["removal"]
+    assert web["kept"] == 6 and web["warning"].startswith("curation removed 14% of source 'web' (6 of 7 kept;")

@@ -116,6 +116,19 @@ def curate_cmd(
                 table.add_row(row["job"], row["step"], str(row["documents"]), str(row["kept"]), str(row["removed"]),
                               reasons)
         console.print(table)
+    removals = {name: res["removal"] for name, res in results.items() if "removal" in res}
+    if removals:  # the line a user reads first: what the filters did to each source
+        summary = Table(title="curation filters per source (dedup removals are in the tables above)")
+        for col in ("source", "filters", "documents", "kept", "removed"):
+            summary.add_column(col, justify="left" if col in ("source", "filters") else "right")
+        for name, r in removals.items():
+            share = 1 - r["kept"] / r["documents"] if r["documents"] else 0.0
+            summary.add_row(name, ", ".join(r["filters"]) or "none", str(r["documents"]), str(r["kept"]),
+                            f"{share:.0%}")
+        console.print(summary)
+        for r in removals.values():
+            if "warning" in r:
+                console.print(f"[yellow]warning:[/] {escape(r['warning'])}")
 
 
 @data_app.command("inspect")

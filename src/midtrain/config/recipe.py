@@ -120,11 +120,17 @@ class DecontamConfig(_Strict):
     fields: list[str] | None = None  # benchmark jsonl fields to index; null = the usual prompt/answer names
 
 
+CurationFilter = Literal["gopher_quality", "gopher_repetition", "c4", "fineweb"]
+
+
 class CurationConfig(_Strict):
     """datatrove curation run by `midtrain data curate` (midtrain.data.curate)."""
 
-    filters: list[Literal["gopher_quality", "gopher_repetition", "c4", "fineweb"]] = Field(
-        default_factory=lambda: ["gopher_repetition", "gopher_quality", "c4", "fineweb"])
+    # auto: web-quality filters (Gopher repetition + quality, C4, FineWeb) on web text, none on curated domains (math,
+    # code, QA, ...: those heuristics delete them); a list applies to every source; per_source overrides by name
+    filters: list[CurationFilter] | Literal["auto"] = "auto"
+    per_source: dict[Name, list[CurationFilter]] = Field(default_factory=dict)
+    warn_removed: float = Field(0.5, ge=0, le=1)  # warn when curation removes more than this share of a source
     exact_dedup: bool = True
     minhash: bool = True
     minhash_ngram: int = Field(5, ge=1)
