@@ -7,6 +7,7 @@ and `decontamination.json` (per source and benchmark: documents hit, n-grams mat
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,11 +75,13 @@ def tokenize_recipe_sources(recipe: Recipe, tokenizer, *, cache_dir: Path | None
     cache = cache_dir if cache_dir is not None else default_cache_dir()
     decon = build_decontaminator(recipe)
     out: list[TokenizedSource] = []
+    read_from: dict[str, str] = {}  # what this run read (a shared cache records whoever filled it first)
     for s in recipe.sources:
         instruction = None
         if s.type == "instruction":
             instruction = InstructionFormat(s.prompt_field, s.response_field, s.messages_field, s.template)
         path, text_field = source_input(recipe, s.name)
+        read_from[s.name] = str(path)
         out.append(tokenize_source(
             s.name, path, text_field, tokenizer, holdout_docs=s.holdout_docs,
             cache_dir=cache, decontaminator=decon if s.decontaminate else None, instruction=instruction))
@@ -87,23 +90,33 @@ def tokenize_recipe_sources(recipe: Recipe, tokenizer, *, cache_dir: Path | None
         if on_source is not None:
             on_source(out[-1])
     if report_dir is not None:
-        write_reports(out, report_dir)
+        write_reports(out, report_dir, read_from)
     return out
 
 
-def write_reports(sources: list[TokenizedSource], report_dir: Path) -> None:
-    """`report_dir` is a run's data/ directory (RunLayout.data)."""
+def write_reports(sources: list[TokenizedSource], report_dir: Path, read_from: dict[str, str] | None = None) -> None:
+    """`report_dir` is a run's data/ directory (RunLayout.data); `read_from` the path each source was read from in
+    this run (else the path recorded in the shared cache, which may be another run's)."""
     report_dir.mkdir(parents=True, exist_ok=True)
     layout = RunLayout(report_dir.parent)
     write_json_atomic(layout.tokenize_report, {
-        s.name: {"cache": str(s.directory), "path": s.meta["path"], "n_docs": s.n_docs, "n_tokens": s.n_tokens,
+        s.name: {"cache": str(s.directory), "path": (read_from or {}).get(s.name, s.meta["path"]),
+                 "n_docs": s.n_docs, "n_tokens": s.n_tokens,
                  "loss_tokens": s.meta.get("loss_tokens", s.n_tokens), "holdout": s.meta["holdout"],
                  "skips": s.skips.to_dict()}
         for s in sources
     })
-    decon = {s.name: s.meta["decontamination"] for s in sources if s.meta.get("decontamination")}
+    decon = {s.name: _as_read_here(s.meta["decontamination"], s.meta["path"], (read_from or {}).get(s.name))
+             for s in sources if s.meta.get("decontamination")}
     if decon:
         write_json_atomic(layout.decontamination_report, decon)
+
+
+def _as_read_here(report: dict, cached_path: str, read_path: str | None) -> dict:
+    """A cached report's file:line locations named by the path this run read (the same bytes: the cache key)."""
+    if not read_path or read_path == cached_path:
+        return report
+    return json.loads(json.dumps(report).replace(json.dumps(cached_path)[1:-1], json.dumps(read_path)[1:-1]))
 
 
 @dataclass

@@ -11,6 +11,9 @@ import json
 import math
 from pathlib import Path
 
+import yaml
+
+from midtrain.eval.keys import MetricKey
 from midtrain.io import write_text_atomic
 from midtrain.layout import RunLayout
 from midtrain.report import plots
@@ -50,10 +53,54 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _change(before, after) -> str:
-    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)) or not before:
+def _change(before, after, key: str = "loss") -> str:
+    """Losses and perplexities change relatively (−4.2%); accuracies absolutely (+0.73: a relative change of a score
+    that starts near 0 says nothing)."""
+    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
         return ""
-    return f"{(after - before) / abs(before):+.1%}"
+    parsed = MetricKey.try_parse(key)
+    if parsed is not None and not parsed.lower_is_better:
+        return f"{after - before:+.2f}"
+    return f"{(after - before) / abs(before):+.1%}" if before else ""
+
+
+def _rope_text(rope) -> str:
+    """A stage's RoPE setting as the recipe gave it: `yarn ×4 (L0 128)`, `abf θ 5e+05`, or `as the base`."""
+    if not rope:
+        return "as the base"
+    method = rope.get("method") or rope.get("rope_type") or "?"
+    parts = [str(method)]
+    if rope.get("factor") is not None:
+        parts.append(f"×{float(rope['factor']):g}")
+    if rope.get("rope_theta") is not None:
+        parts.append(f"θ {float(rope['rope_theta']):g}")
+    if rope.get("original_max_position_embeddings") is not None:
+        parts.append(f"(L0 {rope['original_max_position_embeddings']})")
+    extra = {k: v for k, v in rope.items() if k not in ("method", "rope_type", "factor", "rope_theta",
+                                                       "original_max_position_embeddings")}
+    return " ".join(parts) + ("; " + ", ".join(f"{k} {v}" for k, v in extra.items()) if extra else "")
+
+
+def _stage_ropes(recipe_file: Path) -> dict[str, str]:
+    try:
+        recipe = yaml.safe_load(recipe_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {st.get("name"): _rope_text(st.get("rope")) for st in recipe.get("stages") or [] if isinstance(st, dict)}
+
+
+def _wall_seconds(rows: list[dict], stage: str) -> float | None:
+    """From the stage's first row to its stage_end (resumes included: the time it took, not the time it ran)."""
+    times = [r["time"] for r in rows if r["stage"] == stage and isinstance(r.get("time"), (int, float))]
+    ends = [r["time"] for r in rows if r["stage"] == stage and r["event"] == "stage_end"]
+    return (ends[-1] - min(times)) if ends and times else None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
 class _Doc:
@@ -118,10 +165,13 @@ def write_report(run_dir: str | Path) -> Path:
     doc = _Doc(f"midtrain report: {run_dir.name}")
     doc.para(f"{len(stages)} stage(s), {sum(s['tokens'] for s in stages):,} planned tokens; "
              f"{sum(1 for _, a in evals.values() if a)} finished.")
-    doc.table(["stage", "tokens", "steps", "seq_len", "init", "mixture", "lr start → end", "status"],
-              [[st["name"], f"{st['tokens']:,}", str(st["steps"]), str(st["seq_len"]), st["init"],
-                ", ".join(f"{k} {v:.0%}" for k, v in st.get("mixture", {}).items()),
-                f"{_fmt(_first_lr(rows, st['name']))} → {_fmt(st.get('last_lr'))}", _status(evals[st["name"]])]
+    ropes = _stage_ropes(layout.recipe)
+    doc.table(["stage", "tokens", "steps", "seq_len", "RoPE", "init", "mixture", "lr start → end", "wall",
+               "status"],
+              [[st["name"], f"{st['tokens']:,}", str(st["steps"]), str(st["seq_len"]), ropes.get(st["name"], "–"),
+                st["init"], ", ".join(f"{k} {v:.0%}" for k, v in st.get("mixture", {}).items()),
+                f"{_fmt(_first_lr(rows, st['name']))} → {_fmt(st.get('last_lr'))}",
+                _duration(_wall_seconds(rows, st["name"])), _status(evals[st["name"]])]
                for st in stages])
 
     doc.heading("Training")
@@ -145,7 +195,7 @@ def write_report(run_dir: str | Path) -> Path:
         start, end = (before or {}).get("checkpoint", "?"), (after or {}).get("checkpoint", "–")
         doc.para(f"Stage {name}: start {start} → end {end}")
         doc.table(["metric", "before", "after", "change"],
-                  [[k, _fmt(b.get(k)), _fmt(a.get(k)), _change(b.get(k), a.get(k))] for k in sorted({*b, *a})])
+                  [[k, _fmt(b.get(k)), _fmt(a.get(k)), _change(b.get(k), a.get(k), k)] for k in sorted({*b, *a})])
         skipped = {**(before or {}).get("details", {}).get("skipped", {}),
                    **(after or {}).get("details", {}).get("skipped", {})}
         if skipped:
