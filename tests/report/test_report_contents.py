@@ -40,3 +40,31 @@ def test_the_stage_table_shows_rope_and_wall_time_and_data_paths_are_this_runs(t
     tokenized = json.loads(layout.tokenize_report.read_text())
     assert all(entry["path"].startswith(str(second)) for entry in tokenized.values()), tokenized
     assert str(first) not in report
+
+
+def test_plots_a_researcher_reads(monkeypatch, tmp_path):
+    from midtrain.report import plots
+    from midtrain.report.build import _labelled_evals
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    stages = [{"name": "anneal", "first_tokens": 0, "tokens": 1000, "mixture": {"web": 0.5, "math": 0.5}},
+              {"name": "extend", "first_tokens": 1000, "tokens": 1000, "mixture": {"web": 1.0}}]
+    evals = {"anneal": ({"metrics": {"passkey@128": 0.9}}, {"metrics": {"passkey@128": 1.0}}),
+             "extend": ({"metrics": {"passkey@512": 0.0}}, {"metrics": {"passkey@512": 0.99}})}
+    labelled = _labelled_evals(stages, evals)
+    assert list(labelled) == ["start (anneal before)", "anneal", "extend before", "extend"]  # extend's start shown
+    plots.per_length(labelled, "passkey", "accuracy", "Passkey", tmp_path / "p.png")
+    assert figures[-1].axes[0].get_ylim() == (0.0, 1.05)  # fixed, not autoscaled to the data
+    plots.lr_and_mixture([], stages, tmp_path / "m.png")
+    bottom = figures[-1].axes[1]
+    assert [t.get_text() for t in bottom.get_yticklabels()] == ["0", "50%", "100%"]
+    assert bottom.get_legend().get_bbox_to_anchor().x0 > bottom.get_window_extent().x1 - 1  # beside the bars
+    rows = [{"event": "train", "tokens": 100 * i, "loss": 3.0 - 0.01 * i + (0.3 if i % 2 else 0.0), "step": i,
+             "stage": "anneal" if i <= 10 else "extend"} for i in range(1, 21)]
+    plots.loss_curves(rows, stages, tmp_path / "l.png")
+    lines = figures[-1].axes[0].get_lines()
+    raw = [ln for ln in lines if ln.get_alpha() == 0.25]
+    smooth = [ln for ln in lines if ln.get_alpha() is None and ln.get_linewidth() == 1.3]
+    assert len(raw) == len(smooth) == 2  # one per stage: no line drawn across the boundary
+    assert max(abs(y2 - y1) for y1, y2 in zip(smooth[0].get_ydata(), smooth[0].get_ydata()[1:])) < 0.3

@@ -276,12 +276,13 @@ def _status(pair: tuple[dict | None, dict | None]) -> str:
 
 
 def _labelled_evals(stages: list[dict], evals: dict) -> dict[str, dict]:
-    """The first stage's start, then each stage's end: the checkpoints a ladder produces, in order."""
+    """Each stage's start and end, in order: a later stage's start is the previous end under its own RoPE setting and
+    lengths (the context-extension stage's "before" point), so it is a point of its own."""
     out = {}
-    if stages and evals[stages[0]["name"]][0]:
-        out[f"start ({stages[0]['name']} before)"] = evals[stages[0]["name"]][0]
-    for st in stages:
-        after = evals[st["name"]][1]
+    for i, st in enumerate(stages):
+        before, after = evals[st["name"]]
+        if before:
+            out[f"start ({st['name']} before)" if i == 0 else f"{st['name']} before"] = before
         if after:
             out[st["name"]] = after
     return out

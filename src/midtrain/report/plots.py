@@ -54,15 +54,14 @@ def loss_curves(rows: Rows, stages: Sequence[dict], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.2))
     if train:
-        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], color="black", linewidth=1.2, label="train")
+        _raw_and_smoothed(ax, train, "loss", "black", "train", stages)
     domains = sorted({d for r in train + val for d in map(_loss_domain, r) if d is not None})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, domain in enumerate(domains):
         color = colors[i % len(colors)]
         key = str(MetricKey("loss", domain=domain))
-        pts = [(r["tokens"], r[key]) for r in train if key in r]
-        if pts:
-            ax.plot(*zip(*pts), color=color, linewidth=0.8, alpha=0.6, label=f"train {domain}")
+        if any(key in r for r in train):
+            _raw_and_smoothed(ax, [r for r in train if key in r], key, color, f"train {domain}", stages)
         pts = [(r["tokens"], r[VAL + key]) for r in val if VAL + key in r]
         if pts:
             ax.plot(*zip(*pts), color=color, marker="o", linestyle=":", label=f"held-out {domain}")
@@ -72,6 +71,31 @@ def loss_curves(rows: Rows, stages: Sequence[dict], path: Path) -> Path | None:
     _boundaries(ax, stages)
     ax.legend(fontsize=8, ncol=2)
     return _save(fig, path)
+
+
+def _smooth(values: list[float], alpha: float) -> list[float]:
+    """Exponential moving average, started at the first value (no bias toward 0)."""
+    out, current = [], None
+    for v in values:
+        current = v if current is None else alpha * v + (1 - alpha) * current
+        out.append(current)
+    return out
+
+
+def _raw_and_smoothed(ax, rows: Rows, key: str, color, label: str, stages: Sequence[dict]) -> None:
+    """The raw series faint and an EMA spanning ~1/20 of the points bold, each stage drawn apart (no line across the
+    gap between stages or a resume)."""
+    starts = sorted(st["first_tokens"] for st in stages) or [0]
+    alpha = 2 / (max(5, len(rows) / 20) + 1)  # an EMA spanning 1/20 of the points, at least 5
+    for i, lo in enumerate(starts):
+        hi = starts[i + 1] if i + 1 < len(starts) else float("inf")
+        part = [r for r in rows if lo < r["tokens"] <= hi or (i == 0 and r["tokens"] <= lo)]
+        if not part:
+            continue
+        xs, ys = [r["tokens"] for r in part], [r[key] for r in part]
+        ax.plot(xs, ys, color=color, linewidth=0.6, alpha=0.25)
+        ax.plot(xs, _smooth(ys, alpha), color=color, linewidth=1.3, label=label)
+        label = None  # once per series, on its first stage
 
 
 def lr_and_mixture(rows: Rows, stages: Sequence[dict], path: Path) -> Path | None:
@@ -98,13 +122,14 @@ def lr_and_mixture(rows: Rows, stages: Sequence[dict], path: Path) -> Path | Non
                 labelled.add(src)
                 bottom_at += share
     bottom.set_ylim(0, 1)
-    bottom.set_yticks([])
-    bottom.set_ylabel("mixture")
+    bottom.set_yticks([0, 0.5, 1], ["0", "50%", "100%"])
+    bottom.set_ylabel("mixture share")
     bottom.set_xlabel("tokens")
     handles, labels = bottom.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    if unique:
-        bottom.legend(unique.values(), unique.keys(), fontsize=8, ncol=len(unique), loc="upper right")
+    if unique:  # beside the plot, not over the bars
+        bottom.legend(unique.values(), unique.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5),
+                      frameon=False)
     return _save(fig, path)
 
 
@@ -156,6 +181,8 @@ def per_length(evals: dict[str, dict], prefix: str, ylabel: str, title: str, pat
     ax.set_xscale("log", base=2)
     if log_y:
         ax.set_yscale("log")
+    elif prefix in SCORE_TASKS:  # accuracies: one fixed scale, so plots of different runs compare at a glance
+        ax.set_ylim(0, 1.05)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
