@@ -9,14 +9,12 @@ search and experiments read runs through it too.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 EXPORT_INFO = "midtrain.json"  # what midtrain records in each HF export (stage, step, fingerprint, ...)
 LOCK_FILE = ".midtrain.lock"
 RAW_EXPORT = "hf-raw"  # the un-averaged weights of a stage with `average` (docs/AVERAGING.md)
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -206,8 +204,3 @@ class ProxyLayout:
     def run(self) -> RunLayout:
         return RunLayout(self.dir / "run")
 
-
-def checkpoint_step(path: Path) -> int | None:
-    """N for a directory named `step-<N>`, else None."""
-    match = _STEP_DIR.match(path.name)
-    return int(match.group(1)) if match else None

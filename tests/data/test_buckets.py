@@ -238,7 +238,7 @@ def test_run_checks_refuse_empty_buckets_and_buckets_beyond_their_cap(tmp_path):
 
 
 def test_seed_branches_with_buckets_are_a_recipe_error(tmp_path):
-    from midtrain.config.recipe import recipe_problems
+    from midtrain.config.checks import recipe_problems
 
     recipe = _bucket_recipe(tmp_path, "{mixture: {a: 1}, upsample_long: {min_tokens: 400, factor: 2}}")
     stages = [recipe.stages[0], recipe.stages[1].model_copy(update={"seeds": [1, 2]})]

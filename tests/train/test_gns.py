@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from midtrain.config.recipe import Recipe, recipe_problems
+from midtrain.config.checks import recipe_problems
+from midtrain.config.recipe import Recipe
 from midtrain.train.gns import GradientNoiseScale, gns_estimates
 from midtrain.train.trainer import Callback
 

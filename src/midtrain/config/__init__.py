@@ -1,5 +1,6 @@
 """Recipe schema and loading (no torch)."""
 
+from midtrain.config.checks import recipe_problems, recipe_warnings
 from midtrain.config.load import RecipeError, apply_overrides, dump_recipe, load_recipe
 from midtrain.config.recipe import (
     BatchConfig,
@@ -13,8 +14,6 @@ from midtrain.config.recipe import (
     Source,
     Stage,
     parse_tokens,
-    recipe_problems,
-    recipe_warnings,
 )
 
 __all__ = [

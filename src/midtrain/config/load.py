@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from midtrain.config.base_ref import BaseRef
-from midtrain.config.recipe import NAME_RE, Recipe, recipe_problems
+from midtrain.config.checks import recipe_problems
+from midtrain.config.recipe import NAME_RE, Recipe
 
 Loc = tuple[str | int, ...]
 

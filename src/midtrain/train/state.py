@@ -9,6 +9,7 @@ The file format is midtrain.train.checkpoint's (atomic, manifest with checksums,
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -124,7 +125,7 @@ def average_checkpoints(sources: list[Path], root: Path, global_step: int) -> Pa
         save_file(mean, str(tmp / ckpt.MODEL_FILE), metadata={"format": "pt"})
         for name in (ckpt.OPTIM_FILE, ckpt.RNG_FILE):
             if (sources[0] / name).is_file():
-                (tmp / name).write_bytes((sources[0] / name).read_bytes())
+                shutil.copyfile(sources[0] / name, tmp / name)  # streamed: optimizer state can be many GB
         (tmp / ckpt.STATE_FILE).write_text(json.dumps(record, indent=2))
         ckpt.write_manifest(tmp, global_step)
 
