@@ -141,6 +141,17 @@ def test_several_problems_are_all_reported(tmp_path):
     assert "stages.warmup.schedule.kind" in result.stderr and "stages.anneal.tokens" in result.stderr
 
 
+def test_a_schema_error_does_not_hide_missing_files_or_unknown_sources(tmp_path):
+    """One `recipe check` lists a typo, a missing data file and an unknown source together, not in phases."""
+    text = (GOOD.replace("kind: constant", "kind: triangle").replace("path: math.jsonl", "path: nowhere/math.jsonl")
+            .replace("{prose: 0.3, math: 0.7}", "{prose: 0.3, code: 0.7}"))
+    result = _cli(tmp_path, text)
+    assert result.returncode == 2
+    for field in ("stages.warmup.schedule.kind", "sources.math.path", "stages.anneal.data.mixture.code"):
+        assert field in result.stderr, result.stderr
+    assert f"recipe.yaml:{_line_of(text, 'path: nowhere')}:" in result.stderr
+
+
 def test_override_by_stage_name_changes_the_plan(tmp_path):
     result = _cli(tmp_path, GOOD, "stages.anneal.tokens=2e5", "stages.anneal.batch.tokens=8192")
     assert result.returncode == 0, result.stderr

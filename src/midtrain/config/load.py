@@ -268,12 +268,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_p
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = []
+        found: list[tuple[Loc, str]] = []
         for error in exc.errors():
-            loc = _data_loc(tuple(error["loc"]), data)
-            for where, msg in _error_problems(error, loc):
-                problems.append(_format(file, lines, overridden, data, where, msg))
-        raise RecipeError(problems) from None
+            found += _error_problems(error, _data_loc(tuple(error["loc"]), data))
+        # A schema error elsewhere must not hide a missing file or an unknown source name: report them in one go.
+        seen = {loc for loc, _ in found}
+        found += [(loc, msg) for loc, msg in _raw_problems(data, file.parent, check_paths) if loc not in seen]
+        raise RecipeError([_format(file, lines, overridden, data, loc, msg) for loc, msg in found]) from None
     recipe = _resolve_paths(recipe, file.parent)
     recipe, lr_problems = _resolve_start_lr_from_base(recipe)
     if lr_problems:  # the rest of validation needs a number there
@@ -356,6 +357,31 @@ def _path_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
             continue
         if not source.path.exists():
             problems.append((("sources", i, "path"), f"{source.path} does not exist"))
+    return problems
+
+
+def _raw_problems(data: Any, root: Path, check_paths: bool) -> list[tuple[Loc, str]]:
+    """Missing source files and unknown mixture names, read from the raw mapping of a recipe that failed its schema
+    (best effort: entries too malformed to read are the schema's errors already)."""
+    if not isinstance(data, dict):
+        return []
+    problems: list[tuple[Loc, str]] = []
+    sources = data.get("sources") if isinstance(data.get("sources"), list) else []
+    known = {s["name"] for s in sources if isinstance(s, dict) and isinstance(s.get("name"), str)}
+    for i, source in enumerate(sources):
+        path = source.get("path") if isinstance(source, dict) else None
+        if check_paths and isinstance(path, str) and "://" not in path:
+            resolved = Path(path) if Path(path).is_absolute() else root / path
+            if not resolved.exists():
+                problems.append((("sources", i, "path"), f"{resolved.resolve()} does not exist"))
+    stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+    for i, stage in enumerate(stages):
+        stage_data = stage.get("data") if isinstance(stage, dict) else None
+        mixture = stage_data.get("mixture") if isinstance(stage_data, dict) else None
+        for name in mixture if isinstance(mixture, dict) and known else ():
+            if name not in known:
+                problems.append((("stages", i, "data", "mixture", name),
+                                 f"unknown source {name!r}; known: {sorted(known)}"))
     return problems
 
 
