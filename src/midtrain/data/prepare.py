@@ -7,6 +7,7 @@ and `decontamination.json` (per source and benchmark: documents hit, n-grams mat
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -69,9 +70,11 @@ def apply_special_tokens(recipe: Recipe, tokenizer) -> int:
 
 
 def tokenize_recipe_sources(recipe: Recipe, tokenizer, *, cache_dir: Path | None = None,
-                            report_dir: Path | None = None, on_source=None) -> list[TokenizedSource]:
+                            report_dir: Path | None = None, on_source=None,
+                            on_progress=None) -> list[TokenizedSource]:
     """Tokenize (or load from the cache) every source of the recipe, in recipe order; write reports.
-    `on_source(source)` is called as each one is ready (progress)."""
+    `on_source(source)` is called as each one is ready, `on_progress(name, documents, tokens)` now and then while a
+    source is being tokenized (and decontaminated)."""
     cache = cache_dir if cache_dir is not None else default_cache_dir()
     decon = build_decontaminator(recipe)
     out: list[TokenizedSource] = []
@@ -84,7 +87,8 @@ def tokenize_recipe_sources(recipe: Recipe, tokenizer, *, cache_dir: Path | None
         read_from[s.name] = str(path)
         out.append(tokenize_source(
             s.name, path, text_field, tokenizer, holdout_docs=s.holdout_docs,
-            cache_dir=cache, decontaminator=decon if s.decontaminate else None, instruction=instruction))
+            cache_dir=cache, decontaminator=decon if s.decontaminate else None, instruction=instruction,
+            progress=None if on_progress is None else functools.partial(on_progress, s.name)))
         if out[-1].skips.total:
             log.warning("source %r: %s", s.name, out[-1].skips)
         if on_source is not None:

@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ CHUNK_CHARS = 4 << 20  # texts per encode call: big enough to keep the Rust thre
 # Encode calls in flight while the next batch is read: the Rust encoder releases the GIL, so reading, hashing and
 # writing overlap with encoding, and one batch's tail (its longest documents) overlaps the next batch's start.
 ENCODE_AHEAD = 2
+PROGRESS_SECONDS = 15.0  # how often a long tokenization says how far it is
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -302,11 +304,14 @@ def tokenize_source(
     cache_dir: Path | None = None,
     decontaminator: Decontaminator | None = None,
     instruction: InstructionFormat | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TokenizedSource:
     """Tokenize `path` (or load it from the cache) into a `TokenizedSource`.
 
     `decontaminator` drops/redacts benchmark overlap before tokenizing (its report lands in meta.json);
     `instruction` renders prompt/response or chat records with a loss mask instead of reading `text_field`.
+    `progress(documents, tokens)` is called with the counts written so far, at most every PROGRESS_SECONDS, while a
+    source is tokenized (a large one takes minutes; a cache hit calls nothing).
     """
     if holdout_docs < 0:
         raise ValueError(f"source {name!r}: holdout_docs={holdout_docs} must be >= 0")
@@ -346,6 +351,13 @@ def tokenize_source(
         with open(tmp / "tokens.bin", "wb") as f, \
                 (open(tmp / "mask.bin", "wb") if instruction else open(os.devnull, "wb")) as mf:
             writer = _Writer(f, holdout_docs, mf if instruction else None)
+            last_report = time.monotonic()
+
+            def report_progress() -> None:
+                nonlocal last_report
+                if progress is not None and time.monotonic() - last_report >= PROGRESS_SECONDS:
+                    last_report = time.monotonic()
+                    progress(len(writer.offsets) - 1, writer.offsets[-1])
             if instruction is not None:
                 for record, loc in iter_records(path, skips):
                     try:
@@ -358,6 +370,7 @@ def tokenize_source(
                     writer.add(digest_of(text), (ids.astype(dtype), mask))
                     if writer.pending_tokens >= CHUNK_CHARS:
                         writer.flush()
+                        report_progress()
             else:
                 def batches() -> Iterator[list[tuple[str, str]]]:
                     batch: list[tuple[str, str]] = []
@@ -385,6 +398,7 @@ def tokenize_source(
                         start = end
                     writer.flush()
                     faults.point("tokenize.mid_write")  # test-only: tokens.bin partly written, meta.json not
+                    report_progress()
 
                 # Encoding runs in worker threads (the Rust encoder releases the GIL) while this thread reads the
                 # next batch and writes finished ones, in order.

@@ -53,14 +53,22 @@ def tokenize_all(recipe: Recipe, tokenizer, dist: DistInfo, report_dir: Path, lo
     cache = default_cache_dir()
     apply_special_tokens(recipe, tokenizer)  # every rank: the tokenizer object is per process
 
-    def tokenize_every_source(reports: Path | None, on_source=None) -> list[TokenizedSource]:
-        return tokenize_recipe_sources(recipe, tokenizer, cache_dir=cache, report_dir=reports, on_source=on_source)
+    decontaminated = {s.name for s in recipe.sources if s.decontaminate} if recipe.decontaminate else set()
 
-    def progress(source: TokenizedSource) -> None:
+    def tokenize_every_source(reports: Path | None, on_source=None, on_progress=None) -> list[TokenizedSource]:
+        return tokenize_recipe_sources(recipe, tokenizer, cache_dir=cache, report_dir=reports, on_source=on_source,
+                                       on_progress=on_progress)
+
+    def ready(source: TokenizedSource) -> None:
         if log is not None:
             log(f"data: source {source.name!r}: {source.n_docs:,} documents, {source.n_tokens:,} tokens")
 
-    sources = tokenize_every_source(report_dir, progress) if dist.is_main else None
+    def progress(name: str, documents: int, tokens: int) -> None:
+        if log is not None:
+            doing = "decontaminating and tokenizing" if name in decontaminated else "tokenizing"
+            log(f"data: source {name!r}: {doing}... {documents:,} documents, {tokens:,} tokens so far")
+
+    sources = tokenize_every_source(report_dir, ready, progress) if dist.is_main else None
     barrier()
     sources = sources if sources is not None else tokenize_every_source(None)
     problems = check_epoch_caps(recipe, sources)
