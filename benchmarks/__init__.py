@@ -13,4 +13,5 @@ SUITES = (
     "benchmarks.loss",
     "benchmarks.integrity",
     "benchmarks.threads",
+    "benchmarks.families",
 )

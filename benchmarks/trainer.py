@@ -108,13 +108,14 @@ def make_stage(seq_len: int, batch_tokens: int, steps: int = 1000):
 def midtrain_step(
     preset: str, seq_len: int, batch_tokens: int, precision: str, source, reference: bool = False,
     compiled: bool = False, checkpointing: bool = False, loss_chunk_tokens: int | None = None, vocab: int = VOCAB,
-    loader=None,
+    loader=None, config=None, forward=None,
 ) -> Callable[[], dict]:
     """One `Trainer.train_step()` of midtrain's real trainer, exactly as `midtrain run` builds it (no callbacks).
     `reference`: dense-mask attention and F.cross_entropy instead (the pre-optimisation step, same results).
     `compiled`: the model wrapped in `torch.compile` after the optimizer is built, as recipe `compile: true` does.
     `checkpointing`, `loss_chunk_tokens`: the recipe keys `activation_checkpointing` and `loss_chunk_tokens`.
-    `loader`: another batch source (anything with `next_step()`) instead of the packed loader over `source`."""
+    `loader`: another batch source (anything with `next_step()`) instead of the packed loader over `source`.
+    `config`: a model config instead of `preset`'s; `forward`: another forward than `forward_packed`."""
 
     from midtrain.model import build_model, forward_packed, preset_config
     from midtrain.train.distributed import DistInfo
@@ -123,12 +124,13 @@ def midtrain_step(
 
     recipe, stage = make_stage(seq_len, batch_tokens)
     stage_cfg = recipe.stages[0]
-    model = build_model(preset_config(preset, vocab_size=vocab), seed=0)
+    model = build_model(config if config is not None else preset_config(preset, vocab_size=vocab), seed=0)
     model.train()
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, stage_cfg.optimizer, lr=stage.lr_at_step(0))
-    forward = functools.partial(forward_packed, segments=False) if reference else forward_packed
+    if forward is None:
+        forward = functools.partial(forward_packed, segments=False) if reference else forward_packed
     if loss_chunk_tokens is not None:
         forward = functools.partial(forward, loss_chunk_tokens=loss_chunk_tokens)
     if compiled:

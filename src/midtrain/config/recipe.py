@@ -426,8 +426,10 @@ class Recipe(_Strict):
     # for large vocabularies (e.g. 128k) where logits and their gradient dominate memory; null = full logits; auto =
     # chunked where a micro-batch's fp32 logits would pass 1 GiB and the head allows it (midtrain.model.head)
     loss_chunk_tokens: Annotated[int, Field(gt=0)] | Literal["auto"] | None = "auto"
-    # flex_attention skips fully masked blocks of packed documents (GPU only: no CPU backward in torch 2.13).
-    attention: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    # auto: sdpa where the model family offers it, else eager (soft-capping, attention sinks), the same for load,
+    # training, export and evaluation. flex_attention skips fully masked blocks of packed documents (GPU only: no
+    # CPU backward in torch 2.13).
+    attention: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
     sources: list[Source] = Field(default_factory=list)
     special_tokens: list[str] = Field(default_factory=list)  # added to the tokenizer; embeddings grow to match
     decontaminate: DecontamConfig | None = None

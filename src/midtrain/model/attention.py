@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from midtrain.model.families import layer_types, packing_mode, sliding_window
 from midtrain.model.head import HeadInputs, chunkable_head, gathered_weight, hidden_states_only
 from midtrain.model.hf import unwrap_model
 
@@ -73,6 +74,50 @@ def document_block_mask(position_ids: torch.Tensor):
 
     b, t = position_ids.shape
     return create_block_mask(same_document_causal, b, None, t, t, device=position_ids.device)
+
+
+def layer_type_masks(config: Any, position_ids: torch.Tensor) -> Any:
+    """Per-layer-type document masks for a family with windowed or chunked layers: {layer type: mask} for a
+    hybrid (transformers' models take such a mapping as given), one mask for a uniform family (Mistral).
+
+    A sliding layer attends the last `sliding_window` tokens (transformers' `kv > q - window`), a chunked layer the
+    tokens of its chunk, and each only within the document. Chunks are counted from the document's start (its
+    position ids), as the document alone would see them, not from the row's start.
+    """
+    impl = config._attn_implementation
+    window, chunk = sliding_window(config), getattr(config, "attention_chunk_size", None)
+    seg, t = document_ids(position_ids), position_ids.shape[-1]
+    index = torch.arange(t, device=position_ids.device)
+
+    def allowed(layer_type: str):
+        def mask_mod(b, h, q, kv):
+            keep = (seg[b, q] == seg[b, kv]) & (q >= kv)
+            if layer_type == "sliding_attention" and window is not None:
+                keep = keep & (kv > q - window)
+            if layer_type == "chunked_attention" and chunk:
+                keep = keep & (position_ids[b, q] // chunk == position_ids[b, kv] // chunk)
+            return keep
+
+        return mask_mod
+
+    def build(layer_type: str) -> Any:
+        mod = allowed(layer_type)
+        if impl == "flex_attention":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            return create_block_mask(mod, position_ids.shape[0], None, t, t, device=position_ids.device)
+        rows = torch.arange(position_ids.shape[0], device=position_ids.device)
+        dense = mod(rows[:, None, None], None, index[None, :, None], index[None, None, :])[:, None]  # [B, 1, T, T]
+        if impl in _BOOL_MASK_IMPLS:
+            return dense
+        if impl in _ADDITIVE_MASK_IMPLS:
+            return torch.where(dense, torch.zeros((), dtype=torch.float32), torch.finfo(torch.float32).min)
+        raise ValueError(f"forward_packed supports attn_implementation 'sdpa', 'eager' or 'flex_attention' "
+                         f"(got {impl!r})")
+
+    types = sorted(set(layer_types(config)))
+    masks = {layer_type: build(layer_type) for layer_type in types}
+    return masks[types[0]] if len(types) == 1 else masks
 
 
 # --------------------------------------------------------------------------- per-document attention
@@ -292,6 +337,13 @@ def install_document_attention() -> None:
         AttentionInterface.register("sdpa", _wrap_sdpa(current))
 
 
+def per_document_plan(position_ids: torch.Tensor) -> DocumentSegments:
+    """How `forward_packed` runs a packed batch document by document (families with recurrent layers): documents of
+    similar length share one call, right-padded to the group's width. Deterministic in `position_ids`, so a caller
+    can map what the calls produced (router logits) back to tokens."""
+    return DocumentSegments.from_position_ids(position_ids, quantum=1)
+
+
 def forward_packed(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -300,7 +352,12 @@ def forward_packed(
     loss_chunk_tokens: int | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | HeadInputs:
-    """Logits [B, T, V] of a packed batch, attention confined to each document. No loss is computed here.
+    """Logits [B, T, V] of a packed batch, each document computed as it would be alone. No loss is computed here.
+
+    How depends on the family's layers (`midtrain.model.families.packing_mode`): full-attention layers share one
+    block-diagonal causal mask (midtrain's, with per-document SDPA on CPU); windowed or chunked layers get
+    transformers' own per-layer-type masks, which it builds from the restarting position ids when no mask is given;
+    layers with a recurrent or convolution state run every document alone (`per_document_plan`).
 
     With `loss_chunk_tokens`, the head's inputs instead (`HeadInputs`: final hidden states and head weight), for
     `token_loss_sums` to apply the head that many rows at a time; ValueError for a head it cannot reproduce.
@@ -313,9 +370,16 @@ def forward_packed(
     config = unwrap_model(model).config
     impl = config._attn_implementation
     position_ids = batch["position_ids"]
-    if not bool((position_ids[:, 1:] == 0).any()):
-        # One document per row: plain causal attention, which sdpa runs without materialising a [T, T] mask.
-        mask = None
+    packed = bool((position_ids[:, 1:] == 0).any())
+    mode = packing_mode(config, position_ids.shape[-1])
+    if packed and mode == "per_document":
+        return _forward_documents_alone(model, batch, loss_chunk_tokens, kwargs)
+    if not packed:
+        mask = None  # one document per row: plain causal attention, which sdpa runs without a [T, T] mask
+    elif mode == "layer_masks":
+        if segments:
+            raise ValueError("forward_packed(segments=True) needs a model without sliding-window attention")
+        mask = layer_type_masks(config, position_ids)
     elif impl in _BOOL_MASK_IMPLS:
         mask = document_causal_mask(position_ids)
         if segments is None and use_segments(model, position_ids):
@@ -323,8 +387,6 @@ def forward_packed(
             if plan.worth_it():
                 kwargs["document_segments"] = plan
         elif segments:
-            if not _segment_safe(config, position_ids.shape[-1]):
-                raise ValueError("forward_packed(segments=True) needs a model without sliding-window attention")
             kwargs["document_segments"] = DocumentSegments.from_position_ids(position_ids)
     elif impl in _ADDITIVE_MASK_IMPLS:
         # fp32 scores: the masked entries must dwarf any score; bf16 scores are promoted when added.
@@ -347,3 +409,27 @@ def forward_packed(
             **kwargs,
         )
     return out.logits if head is None else HeadInputs(out.logits, gathered_weight(head), loss_chunk_tokens)
+
+
+def _forward_documents_alone(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_chunk_tokens: int | None, kwargs: dict[str, Any]
+) -> torch.Tensor | HeadInputs:
+    """`forward_packed` for families whose layers carry state along the row: one call per group of documents of
+    similar length, each document from position 0 in a row of its own, right-padded (causal: padding after a
+    document never reaches it); outputs scattered back to the packed layout, padding rows dropped."""
+    position_ids = batch["position_ids"]
+    b, t = position_ids.shape
+    plan = per_document_plan(position_ids)
+    ids = batch["input_ids"].reshape(-1)
+    head = None if loss_chunk_tokens is None else chunkable_head(model)
+    outs, offset = [], 0
+    with contextlib.nullcontext() if head is None else hidden_states_only(head):
+        for n, w in zip(plan.counts, plan.widths):
+            rows = ids[plan.gather[offset : offset + n * w]].view(n, w)
+            positions = torch.arange(w, device=ids.device).expand(n, w)
+            out = model(input_ids=rows, position_ids=positions, use_cache=False, **kwargs)
+            outs.append(out.logits.reshape(n * w, -1))
+            offset += n * w
+    values = torch.cat(outs) if len(outs) > 1 else outs[0]
+    values = values.index_select(0, plan.scatter).view(b, t, -1)
+    return values if head is None else HeadInputs(values, gathered_weight(head), loss_chunk_tokens)

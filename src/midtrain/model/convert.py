@@ -26,6 +26,7 @@ from torch import nn
 from transformers import MixtralConfig, PretrainedConfig, PreTrainedModel
 
 from midtrain.config import ConvertConfig
+from midtrain.model.attention import DocumentSegments, per_document_plan
 from midtrain.model.hf import build_model, unwrap_model
 
 # Families whose attention is q/k/v/o projections with kv heads mapped as h // (H / kv) (transformers' repeat_kv).
@@ -368,10 +369,30 @@ def with_router_aux_loss(
         with routers.recording() as collected:
             logits = forward(m, batch)
         mask = (batch["source_ids"] >= 0) if "source_ids" in batch else None
-        aux = load_balancing_loss_func(tuple(collected), spec.num_experts, spec.top_k, mask)
+        gate_logits = tuple(collected)
+        tokens = batch["input_ids"].numel()
+        if collected and collected[0].shape[0] != tokens:  # documents run alone: regroup by layer, in plan order
+            gate_logits, mask = _router_logits_per_layer(collected, per_document_plan(batch["position_ids"]), mask)
+        aux = load_balancing_loss_func(gate_logits, spec.num_experts, spec.top_k, mask)
         return logits, spec.coef * aux
 
     return forward_with_aux
+
+
+def _router_logits_per_layer(
+    collected: list[torch.Tensor], plan: DocumentSegments, mask: torch.Tensor | None
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """Router logits of a per-document forward (`forward_packed` for recurrent families: one call per group of
+    `plan`, each call recording every MoE layer) as one [tokens, experts] tensor per layer without the padding
+    rows, and the token mask reordered to match (load_balancing_loss_func pairs them position by position)."""
+    calls = len(plan.counts)
+    layers = len(collected) // calls
+    keep = torch.ones(int(plan.gather.numel()), dtype=torch.bool, device=plan.gather.device)
+    keep[plan.padding] = False
+    per_layer = tuple(torch.cat(collected[layer::layers])[keep] for layer in range(layers))
+    if mask is not None:
+        mask = mask.reshape(-1)[plan.gather[keep]].view(1, -1)
+    return per_layer, mask
 
 
 def load_optimizer_except_changed(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -19,6 +19,7 @@ from transformers import (
 from midtrain import faults
 from midtrain.io import publish_dir
 from midtrain.layout import EXPORT_INFO
+from midtrain.model.families import choose_attention
 from midtrain.model.presets import check_rope_support
 from midtrain.model.verify import CheckpointFileError, check_loadable, write_manifest
 
@@ -36,14 +37,14 @@ def unwrap_model(model: torch.nn.Module) -> PreTrainedModel:
             return model  # type: ignore[return-value]
 
 
-def build_model(config: PretrainedConfig, seed: int, *, attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """A freshly initialised fp32 model, identical for a given seed; the global RNG is left untouched."""
+def build_model(config: PretrainedConfig, seed: int, *, attn_implementation: str = "auto") -> PreTrainedModel:
+    """A freshly initialised fp32 model, identical for a given seed; the global RNG is left untouched.
+    `attn_implementation` "auto": what `midtrain.model.families.choose_attention` picks for the family."""
     check_rope_support(config)
+    impl = choose_attention(config, attn_implementation).implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(
-            config, attn_implementation=attn_implementation, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=torch.float32)
     # A KV cache in training skips transformers' packed-sequence handling (REFERENCE §5).
     model.config.use_cache = False
     return model
@@ -57,9 +58,13 @@ def _check_local_dir(path: Path, what: str) -> None:
 
 
 def load_model(
-    path: str | Path, *, allow_hub: bool = False, attn_implementation: str = "sdpa"
+    path: str | Path, *, allow_hub: bool = False, attn_implementation: str = "auto"
 ) -> PreTrainedModel:
-    """Load a causal LM in fp32 from a local checkpoint dir (a hub id only with `allow_hub`)."""
+    """Load a causal LM in fp32 from a local checkpoint dir (a hub id only with `allow_hub`).
+
+    `attn_implementation` "auto" loads with sdpa where the family offers it, else eager (transformers' own choice
+    when given none, the same rule as `choose_attention`): a family without sdpa (Gemma 2, gpt-oss) is not refused.
+    """
     local = Path(path)
     if not (allow_hub and not local.exists()):
         _check_local_dir(local, "model checkpoint")
@@ -74,7 +79,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
             dtype=torch.float32,
-            attn_implementation=attn_implementation,
+            attn_implementation=None if attn_implementation == "auto" else attn_implementation,
             local_files_only=not allow_hub,
         )
     except (OSError, ValueError, RuntimeError) as exc:

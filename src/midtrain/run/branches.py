@@ -17,6 +17,7 @@ from midtrain.data.loader import read_positions
 from midtrain.io import write_json_atomic
 from midtrain.merge.soup import merge_checkpoints
 from midtrain.model import load_model
+from midtrain.model.families import choose_attention
 from midtrain.plan import StagePlan
 from midtrain.run.context import RunContext, RunError, StageTarget, Starts
 from midtrain.run.evaluate import evaluate_stage
@@ -96,7 +97,7 @@ def _soup(ctx: RunContext, stage: StagePlan, targets: list[StageTarget], heldout
         merge_checkpoints([t.layout.export for t in targets], work)
     barrier()
     model = load_model(work)
-    model.set_attn_implementation(ctx.recipe.attention)
+    model.set_attn_implementation(choose_attention(model.config, ctx.recipe.attention).implementation)
     model.config.use_cache = False
     model = model.to(ctx.dist.device)
     export_stage(ctx, stage, model, state, layout.export)  # the soup with the run's probe and midtrain.json

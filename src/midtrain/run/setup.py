@@ -17,6 +17,7 @@ from midtrain.data.prepare import apply_special_tokens, check_epoch_caps, data_w
 from midtrain.eval.heldout import pack_documents
 from midtrain.model import build_model, load_model, load_tokenizer, preset_config
 from midtrain.model.convert import convert_model, converted_skeleton, describe
+from midtrain.model.families import choose_attention
 from midtrain.plan import StagePlan
 from midtrain.run.context import RunContext, RunError, StageTarget
 from midtrain.train import checkpoint as ckpt
@@ -134,7 +135,7 @@ def initial_model(ctx: RunContext, stage: StagePlan, *, resuming: bool = False, 
             if conversions is not None:
                 conversions.append(report)
     apply_rope(model, recipe.stages[stage.index].rope)
-    model.set_attn_implementation(recipe.attention)
+    model.set_attn_implementation(choose_attention(model.config, recipe.attention).implementation)
     model.config.use_cache = False
     return model
 

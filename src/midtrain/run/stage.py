@@ -17,6 +17,7 @@ from midtrain.eval.heldout import heldout_metrics
 from midtrain.eval.keys import MetricKey
 from midtrain.model import forward_packed, unwrap_model
 from midtrain.model.convert import load_optimizer_except_changed, with_router_aux_loss
+from midtrain.model.families import choose_attention, describe_packing
 from midtrain.model.head import resolve_loss_chunk_tokens
 from midtrain.model.verify import CheckpointFileError, verify_export
 from midtrain.plan import StagePlan
@@ -75,6 +76,9 @@ def start_stage(ctx: RunContext, stage: StagePlan, target: StageTarget) -> Stage
         ctx.print(f"warning: {problem}; --fallback-checkpoint: {instead}")
     conversions: list = []
     model = initial_model(ctx, stage, resuming=latest is not None, conversions=conversions)
+    config = model.config
+    ctx.print(f"stage {stage.name!r}: {type(model).__name__}, {choose_attention(config, ctx.recipe.attention)}; "
+              f"{describe_packing(config, stage.seq_len)}")
     loader, used = make_loader(ctx, stage, target)
     state = TrainerState(stage_step=0, global_step=stage.first_step, global_tokens=stage.first_tokens)
     start = StageStart(model, loader, used, state, heldout_batches(ctx, stage))
