@@ -113,3 +113,112 @@ def test_progress_lines_show_mfu_when_logged():
     lines = out.getvalue().splitlines()
     assert "1,234 tok/s  mfu 56%" in lines[0] and "anneal 1/2" in lines[0]
     assert "1,200 tok/s  eta" in lines[1]  # no mfu logged (an MoE, emulated bf16): none shown
+
+
+def _attended_keys(seq_len: int, window: int | None) -> float:
+    """Mean keys a causal query attends at row length T, counted by brute force (the oracle for the formula)."""
+    span = window or seq_len
+    return sum(min(q + 1, span) for q in range(seq_len)) / seq_len
+
+
+@pytest.mark.parametrize("window", [8, 24, 64, 100])
+def test_sliding_layers_count_the_keys_their_window_lets_them_attend(window):
+    from transformers import AutoConfig
+
+    seq_len = 64
+    common = dict(vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=16)
+    full = AutoConfig.for_model("gemma3_text", **common, layer_types=["full_attention"] * 4)
+    hybrid = AutoConfig.for_model("gemma3_text", **common, sliding_window=window,
+                                  layer_types=["sliding_attention", "full_attention"] * 2)
+    per_full_layer = attention_flops_per_token(full, seq_len) / 4
+    ratio = _attended_keys(seq_len, window) / _attended_keys(seq_len, None)
+    # the formula counts T/2 keys for a full layer where the exact mean is (T+1)/2: within that 1/T rounding
+    assert attention_flops_per_token(hybrid, seq_len) == pytest.approx(2 * per_full_layer * (1 + ratio), rel=2e-2)
+    if window < seq_len:
+        assert attention_flops_per_token(hybrid, seq_len) < attention_flops_per_token(full, seq_len)
+
+
+def test_per_layer_head_dims_are_counted_per_layer():
+    """Gemma 4: global layers twice as wide, read from the per-layer configs (the global head_dim is refused)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "gemma4_text", vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=128, vocab_size_per_layer_input=64,
+        hidden_size_per_layer_input=8, layer_types=["sliding_attention", "full_attention"],
+        per_layer_config={"01": {"head_dim": 32}})
+    assert attention_flops_per_token(config, 64) == 6 * 64 * 4 * (16 + 32)
+
+
+def test_recurrent_layers_add_no_attention_term():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("lfm2", vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, layer_types=["conv", "full_attention"] * 2)
+    assert attention_flops_per_token(config, 64) == 2 * 6 * 64 * 64
+
+
+def _family_config(model_type: str, **overrides):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from tests.model.families import tiny_config
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"transformers has no {model_type}")
+    return tiny_config(model_type, **overrides)
+
+
+def test_sliding_window_layers_count_the_keys_they_attend():
+    """Gemma 2's sliding/full hybrid (window 8): the sliding layers attend at most 8 keys, so the hybrid costs less
+    than the same model with every layer global, and exactly as much once the window covers the row."""
+    hybrid = _family_config("gemma2")
+    all_global = _family_config("gemma2", layer_types=["full_attention"] * 4)
+    per_full_layer = 6 * 48 * hybrid.num_attention_heads * hybrid.head_dim
+    window = hybrid.sliding_window
+    assert window < 48
+    per_sliding_layer = 6 * (2 * window * 48 - window**2) * hybrid.num_attention_heads * hybrid.head_dim // 48
+    assert attention_flops_per_token(all_global, 48) == 4 * per_full_layer
+    assert attention_flops_per_token(hybrid, 48) == 2 * per_full_layer + 2 * per_sliding_layer
+    assert attention_flops_per_token(hybrid, 48) < attention_flops_per_token(all_global, 48)
+    assert attention_flops_per_token(hybrid, window) == attention_flops_per_token(all_global, window)
+    # a uniform sliding family (Mistral: no layer_types) counts its window on every layer
+    mistral = _family_config("mistral")
+    assert attention_flops_per_token(mistral, 48) == 4 * per_sliding_layer
+
+
+def test_chunked_layers_count_their_chunk():
+    """Llama 4's chunked layers attend within chunks of attention_chunk_size: c/2 keys on average, as a full
+    layer at row length c."""
+    cfg = _family_config("llama4_text")
+    chunk = cfg.attention_chunk_size
+    per_layer = 6 * cfg.num_attention_heads * cfg.head_dim
+    assert attention_flops_per_token(cfg, 48) == 2 * per_layer * chunk + 2 * per_layer * 48
+
+
+def test_recurrent_layers_have_no_attention_term():
+    cfg = _family_config("qwen3_next")  # linear_attention / full_attention alternating
+    assert attention_flops_per_token(cfg, 48) == 2 * 6 * 48 * cfg.num_attention_heads * cfg.head_dim
+
+
+def test_gemma4_per_layer_head_dims_match_torchs_counter():
+    """Gemma 4 reads head_dim per layer (its global layers are twice as wide; the global config refuses to say):
+    the count neither crashes nor uses one width for all layers, and torch's counter agrees with it."""
+    cfg = _family_config("gemma4_text", sliding_window=64)  # a window past the row: eager computes what we count
+    with pytest.raises(RuntimeError):  # transformers' AmbiguousGlobalPerLayerAttributeError
+        getattr(cfg, "head_dim", None)  # a default does not help: it raises, not AttributeError
+    head_dims = [cfg.per_layer_config[i].head_dim for i in range(cfg.num_hidden_layers)]
+    assert head_dims == [16, 32, 16, 32]
+    seq_len, batch = 48, 2
+    assert attention_flops_per_token(cfg, seq_len) == 6 * seq_len * cfg.num_attention_heads * sum(head_dims)
+    model = build_model(cfg, seed=0, attn_implementation="eager")
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, use_cache=False).logits.float().sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    tokens = seq_len * batch
+    assert counts["aten.mm"] + counts.get("aten.addmm", 0) == 6 * matmul_parameters(model) * tokens
+    assert counts["aten.bmm"] == 2 * attention_flops_per_token(model.config, seq_len) * tokens
+    assert training_flops_per_token(model, seq_len) == (
+        6 * matmul_parameters(model) + attention_flops_per_token(model.config, seq_len))
+    windowed = _family_config("gemma4_text")  # window 8: the sliding (narrow) layers attend fewer keys
+    assert attention_flops_per_token(windowed, seq_len) < attention_flops_per_token(cfg, seq_len)

@@ -117,6 +117,8 @@ def recipe_check(
     loaded = load_recipe_or_exit(recipe, set_)
     plan = build_plan(loaded)
     checks = preflight(loaded, plan)
+    if len(checks.problems) == 1:  # one line, as `run` prints it
+        fail(escape(f"{recipe}: {checks.problems[0]}"), EXIT_RECIPE)
     if checks.problems:
         fail(escape(f"{recipe}: {len(checks.problems)} problem(s) `midtrain run` would refuse before training:\n"
                     + "\n".join(f"  {p}" for p in checks.problems)), EXIT_RECIPE)

@@ -430,6 +430,10 @@ class Recipe(_Strict):
     # training, export and evaluation. flex_attention skips fully masked blocks of packed documents (GPU only: no
     # CPU backward in torch 2.13).
     attention: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
+    # a base whose config.json names custom code (auto_map) runs that code only when the recipe opts in
+    trust_remote_code: bool = False
+    # the dtype of every stage's exported weights: auto = the base checkpoint's own (torch_dtype in its config.json)
+    export_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     sources: list[Source] = Field(default_factory=list)
     special_tokens: list[str] = Field(default_factory=list)  # added to the tokenizer; embeddings grow to match
     decontaminate: DecontamConfig | None = None

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -21,7 +23,7 @@ from midtrain.io import publish_dir
 from midtrain.layout import EXPORT_INFO
 from midtrain.model.families import choose_attention
 from midtrain.model.presets import check_rope_support
-from midtrain.model.verify import CheckpointFileError, check_loadable, write_manifest
+from midtrain.model.verify import CheckpointFileError, check_loadable, refuse_remote_code, write_manifest
 
 _WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
 
@@ -57,13 +59,19 @@ def _check_local_dir(path: Path, what: str) -> None:
         raise FileNotFoundError(f"{what} path {str(path)!r} is not a directory")
 
 
+# What transformers raises from inside from_pretrained on a checkpoint it cannot use (a config field its dataclass
+# validation refuses, a damaged weight file): one line naming the checkpoint instead of a traceback.
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, StrictDataclassError, SafetensorError)
+
+
 def load_model(
-    path: str | Path, *, allow_hub: bool = False, attn_implementation: str = "auto"
+    path: str | Path, *, allow_hub: bool = False, attn_implementation: str = "auto", trust_remote_code: bool = False
 ) -> PreTrainedModel:
     """Load a causal LM in fp32 from a local checkpoint dir (a hub id only with `allow_hub`).
 
     `attn_implementation` "auto" loads with sdpa where the family offers it, else eager (transformers' own choice
     when given none, the same rule as `choose_attention`): a family without sdpa (Gemma 2, gpt-oss) is not refused.
+    A checkpoint whose config names custom code (`auto_map`) is refused unless `trust_remote_code`.
     """
     local = Path(path)
     if not (allow_hub and not local.exists()):
@@ -75,14 +83,17 @@ def load_model(
                 f"model checkpoint {str(local)!r} has no weights ({' or '.join(_WEIGHT_PATTERNS)})"
             )
         check_loadable(local)  # a damaged file is one error naming it, not a traceback from inside transformers
+        if not trust_remote_code:
+            refuse_remote_code(local)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
             dtype=torch.float32,
             attn_implementation=None if attn_implementation == "auto" else attn_implementation,
             local_files_only=not allow_hub,
+            trust_remote_code=trust_remote_code,
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except _LOAD_ERRORS as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointFileError(f"{path}: transformers cannot load this checkpoint: {first}") from None
     model.config.use_cache = False  # training default, as in build_model; generate() reads generation_config
@@ -142,8 +153,9 @@ def save_hf_checkpoint(
     extra: dict | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Export a loadable HF checkpoint (fp32 safetensors, config, generation config, tokenizer) atomically.
+    """Export a loadable HF checkpoint (safetensors in `dtype`, config, generation config, tokenizer) atomically.
 
     Written into `out_dir.tmp-<pid>`, fsynced, then renamed over `out_dir`, so readers see the old export or the
     new one, never a partial one. `state_dict` overrides the model's own (e.g. a gathered FSDP full state dict).
@@ -156,7 +168,8 @@ def save_hf_checkpoint(
 
     if state_dict is None:
         state_dict = inner.state_dict()
-    state_dict = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state_dict.items()}
+    state_dict = {k: v.detach().to(dtype) if v.is_floating_point() else v.detach() for k, v in state_dict.items()}
+    dtype_name = str(dtype).removeprefix("torch.")
 
     def write(tmp: Path) -> None:
         saved = {k: getattr(config, k, None) for k in ("use_cache", "dtype", "architectures")}
@@ -166,7 +179,7 @@ def save_hf_checkpoint(
         finally:
             for k, v in saved.items():  # save_pretrained writes dtype/architectures into the live config
                 setattr(config, k, v)
-        _patch_json(tmp / "config.json", {"use_cache": True, "dtype": "float32"})
+        _patch_json(tmp / "config.json", {"use_cache": True, "dtype": dtype_name})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, tensors in (extra_tensors or {}).items():

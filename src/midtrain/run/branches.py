@@ -96,7 +96,7 @@ def _soup(ctx: RunContext, stage: StagePlan, targets: list[StageTarget], heldout
         average_checkpoints([t.layout.checkpoint(final) for t in targets], layout.checkpoints, final)
         merge_checkpoints([t.layout.export for t in targets], work)
     barrier()
-    model = load_model(work)
+    model = load_model(work, trust_remote_code=ctx.recipe.trust_remote_code)
     model.set_attn_implementation(choose_attention(model.config, ctx.recipe.attention).implementation)
     model.config.use_cache = False
     model = model.to(ctx.dist.device)

@@ -70,7 +70,8 @@ def evaluate_stage(ctx: RunContext, stage: StagePlan, model, batches, when: str,
         return
     details: dict = {"spec": spec.to_json()}
     if set(spec.tasks) - {"loss"}:
-        plain = load_model(export_dir).to(ctx.dist.device) if export_dir is not None else model
+        trust = ctx.recipe.trust_remote_code
+        plain = load_model(export_dir, trust_remote_code=trust).to(ctx.dist.device) if export_dir is not None else model
         log = ctx.print if ctx.options.progress else None
         more, details = evaluate(plain, ctx.tokenizer, spec, documents=heldout_documents(ctx, stage),
                                  checkpoint_dir=export_dir or (Path(source) if Path(source).is_dir() else None),
@@ -101,7 +102,8 @@ def reevaluate(ctx: RunContext, stage: StagePlan) -> None:
         old = json.loads(layout.eval(when).read_text()) if layout.eval(when).is_file() else {}
         step = old.get("step", stage.first_step if when == "before" else stage.first_step + stage.steps)
         state = TrainerState(stage_step=0, global_step=step, global_tokens=old.get("tokens", 0))
-        model = initial_model(ctx, stage) if when == "before" else load_model(layout.export)
+        trust = ctx.recipe.trust_remote_code
+        model = initial_model(ctx, stage) if when == "before" else load_model(layout.export, trust_remote_code=trust)
         source = old.get("checkpoint", str(layout.export))
         evaluate_stage(ctx, stage, model.to(ctx.dist.device), heldout, when, state, source, layout.eval(when),
                        export_dir=layout.export if when == "after" else None)

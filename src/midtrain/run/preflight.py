@@ -17,6 +17,8 @@ import torch
 from midtrain.config import Recipe
 from midtrain.context import stage_rope_issues
 from midtrain.model.convert import recipe_conversion_problems
+from midtrain.model.families import choose_attention, model_class, unknown_layer_types
+from midtrain.model.verify import CheckpointFileError, check_loadable, refuse_remote_code
 from midtrain.plan import Plan
 from midtrain.run.context import RunError, RunOptions
 from midtrain.run.setup import base_config, resolve_tokenizer
@@ -56,20 +58,86 @@ def preflight(recipe: Recipe, plan: Plan, *, world_size: int = 1, device: torch.
     report.problems += run_dir_problems(Path(recipe.run_dir)) if recipe.run_dir is not None else []
     if device is not None:
         report.problems += attention_problems(recipe, device)
+    found = base_file_problems(recipe)
+    if found:  # a damaged base: its tokenizer and config may fail to load too, and would only repeat this
+        report.problems += found
+        return report
     try:
         report.tokenizer = resolve_tokenizer(recipe)
     except RunError as exc:
         report.problems.append(Problem("tokenizer", str(exc)))
         return report
-    except (OSError, ValueError) as exc:
-        report.problems.append(Problem("tokenizer", f"cannot load the tokenizer: {exc}"))
+    except (OSError, ValueError, RuntimeError) as exc:
+        report.problems.append(Problem("tokenizer", f"cannot load the tokenizer: {_first_line(exc)}"))
         return report
-    if any(stage.rope for stage in recipe.stages) or any(stage.convert for stage in recipe.stages):
-        config = base_config(recipe, report.tokenizer)
-        errors, warnings = rope_problems(recipe, config)
-        report.problems += errors + conversion_problems(recipe, config)
-        report.warnings += [w for w in warnings if w not in report.warnings]
+    config, found = checked_base_config(recipe, report.tokenizer)
+    if found:  # the config cannot be trusted or read: the checks against it would only repeat this
+        report.problems += found
+        return report
+    report.problems += family_problems(recipe, config, report.tokenizer)
+    report.warnings += family_warnings(config)
+    errors, warnings = rope_problems(recipe, config)
+    report.problems += errors + conversion_problems(recipe, config)
+    report.warnings += [w for w in warnings if w not in report.warnings]
     return report
+
+
+def base_file_problems(recipe: Recipe) -> list[Problem]:
+    """A local base checkpoint that cannot be loaded as it is: damaged or missing files, an unreadable config.json,
+    a vocab_size its weights contradict, custom code without the recipe's opt-in. Headers and config only."""
+    base = recipe.base_ref
+    if base.is_preset or not Path(base.name).is_dir():
+        return []  # a preset is built here; a hub id is read by transformers (checked_base_config)
+    try:
+        check_loadable(Path(base.name))
+        if not recipe.trust_remote_code:
+            refuse_remote_code(Path(base.name))
+    except CheckpointFileError as exc:
+        return [Problem("trust_remote_code" if "trust_remote_code" in str(exc) else "base", str(exc))]
+    return []
+
+
+def checked_base_config(recipe: Recipe, tokenizer) -> tuple[object | None, list[Problem]]:
+    """The base's config as transformers reads it (no weights), or the one problem that it cannot."""
+    base = recipe.base_ref
+    try:
+        return base_config(recipe, tokenizer), []
+    except Exception as exc:  # noqa: BLE001 - a user's file read by transformers: any failure is one line
+        local = not base.is_preset and Path(base.name).is_dir()
+        where = Path(base.name) / "config.json" if local else recipe.base
+        return None, [Problem("base", f"{where}: transformers cannot read it: {_first_line(exc)}")]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def family_problems(recipe: Recipe, config, tokenizer) -> list[Problem]:
+    """The recipe against what the model family offers: the attention implementation, a tokenizer that fits."""
+    out = []
+    try:
+        model_class(config)
+    except ValueError as exc:  # custom code (trust_remote_code) or a config-only family: run could not build it
+        return [Problem("base", f"{exc}; midtrain trains the causal LMs transformers itself provides")]
+    try:
+        choose_attention(config, recipe.attention)
+    except ValueError as exc:
+        out.append(Problem("attention", str(exc)))
+    vocab = getattr(config, "vocab_size", None)
+    if not recipe.base_ref.is_preset and tokenizer is not None and vocab and len(tokenizer) > vocab:
+        out.append(Problem("tokenizer", f"{len(tokenizer)} tokens but the base's embedding has {vocab} rows "
+                                        f"(vocab_size in {recipe.base}/config.json): ids past {vocab - 1} have no "
+                                        "embedding; use the base's own tokenizer"))
+    return out
+
+
+def family_warnings(config) -> list[str]:
+    unknown = unknown_layer_types(config)
+    if not unknown:
+        return []
+    return [f"the base has layer types midtrain does not know ({', '.join(unknown)}): midtrain trains one "
+            "document per row for this model, which is correct whatever those layers compute but slower than packing"]
 
 
 def optional_logger_problems(options: RunOptions) -> list[Problem]:
@@ -120,9 +188,8 @@ def attention_problems(recipe: Recipe, device: torch.device) -> list[Problem]:
 
 
 def rope_problems(recipe: Recipe, config) -> tuple[list[Problem], list[str]]:
-    """The stages' RoPE settings against the base's rotary spec (head_dim, base, L0)."""
-    if not any(stage.rope for stage in recipe.stages):
-        return [], []
+    """The stages' RoPE settings against the base (each layer type's rotary spec, what the family accepts) and
+    each stage's seq_len against the positions the base and the RoPE so far declare."""
     errors, warnings = stage_rope_issues(recipe.stages, config, by_name=True)  # ("stages", name, "rope", key...)
     return [Problem(".".join(map(str, path)), f"{message} (base model {recipe.base})") for path, message in errors], \
         warnings

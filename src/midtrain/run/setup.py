@@ -45,7 +45,8 @@ def base_config(recipe: Recipe, tokenizer):
     base = recipe.base_ref
     if base.is_preset:
         return preset_config(base.name, vocab_size=len(tokenizer))
-    return transformers.AutoConfig.from_pretrained(base.name, local_files_only=not base.allow_hub)
+    return transformers.AutoConfig.from_pretrained(base.name, local_files_only=not base.allow_hub,
+                                                   trust_remote_code=recipe.trust_remote_code)
 
 
 def tokenize_all(recipe: Recipe, tokenizer, dist: DistInfo, report_dir: Path, log=None) -> list[TokenizedSource]:
@@ -97,15 +98,16 @@ def start_source(ctx: RunContext, stage: StagePlan) -> str:
 
 def _start_weights(ctx: RunContext, stage: StagePlan, seed: int):
     base = ctx.recipe.base_ref
+    trust = ctx.recipe.trust_remote_code
     if stage.index > 0 and stage.init != "scratch":
-        return load_model(ctx.stage_layout(ctx.plan.stages[stage.index - 1]).export)
+        return load_model(ctx.stage_layout(ctx.plan.stages[stage.index - 1]).export, trust_remote_code=trust)
     if base.is_preset:
         config = preset_config(base.name, vocab_size=len(ctx.tokenizer), bos_token_id=ctx.tokenizer.bos_token_id,
                                eos_token_id=ctx.tokenizer.eos_token_id, pad_token_id=ctx.tokenizer.pad_token_id)
         return build_model(config, seed=seed)
     if stage.init == "scratch":
-        return build_model(load_model(base.name, allow_hub=base.allow_hub).config, seed)
-    return load_model(base.name, allow_hub=base.allow_hub)
+        return build_model(load_model(base.name, allow_hub=base.allow_hub, trust_remote_code=trust).config, seed)
+    return load_model(base.name, allow_hub=base.allow_hub, trust_remote_code=trust)
 
 
 def initial_model(ctx: RunContext, stage: StagePlan, *, resuming: bool = False, conversions: list | None = None):

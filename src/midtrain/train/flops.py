@@ -3,8 +3,10 @@
 MFU = training_flops_per_token × tokens/s ÷ peak. The numerator counts what the model must compute, not what a
 kernel happened to do (PaLM, appendix B): 6 FLOPs per matmul parameter per token (2 forward, 4 backward) for every
 `nn.Linear` weight, the output head included even when it is tied to the embedding (it is still a [d, V] matmul;
-the embedding lookup is not), plus causal attention, 6 · n_layers · seq_len · (heads × head_dim) per token
-(QKᵀ and AV, 2·2·T·d per token forward at full T, halved by causality, ×3 for forward + backward).
+the embedding lookup is not), plus causal attention, 6 · seq_len · (heads × head_dim) per token and
+full-attention layer (QKᵀ and AV, 2·2·T·d per token forward at full T, halved by causality, ×3 for forward +
+backward); sliding-window and chunked layers count the keys they attend (`attention_flops_per_token`), each layer
+with its own head shape.
 
 Packed rows count attention at the row length even where document masking does less work, as is the convention;
 dense models only (an MoE's experts are not `nn.Linear` modules and only some of them run per token).
@@ -26,10 +28,88 @@ def matmul_parameters(model: nn.Module) -> int:
 
 
 def attention_flops_per_token(config: Any, seq_len: int) -> int:
-    """Causal attention, forward + backward, per token at row length T: 6 · n_layers · T · (heads · head_dim)."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 6 * config.num_hidden_layers * seq_len * heads * head_dim
+    """Causal attention, forward + backward, per token at row length T, summed over the layers.
+
+    A full-attention layer: 6 · T · heads · head_dim (its queries see T/2 keys on average). A layer attends fewer
+    keys where its type says so (transformers' `config.layer_types`, or the family's implied types): a sliding
+    window w sees min(i, w) keys at position i, on average w' - w'²/2T with w' = min(w, T), so 6 · (2w' - w'²/T) ·
+    heads · head_dim (= the full layer's at w ≥ T); a chunk of c (Llama 4) sees c'/2 keys with c' = min(c, T),
+    so 6 · c' · heads · head_dim. Heads and head_dim are each layer's own (Gemma 4's global layers are wider);
+    recurrent, convolution and linear-attention layers have no quadratic term (their projections are in
+    `matmul_parameters`).
+    """
+    total = 0
+    for layer, kind in zip(_layer_configs(config), _layer_kinds(config)):
+        if kind is None:
+            continue
+        heads = _plain(layer, "num_attention_heads")
+        if not heads:
+            continue
+        head_dim = _plain(layer, "head_dim") or (_plain(layer, "hidden_size") or 0) // heads
+        qk_dim = _plain(layer, "qk_head_dim") or head_dim  # MLA: queries/keys and values differ in width
+        v_dim = _plain(layer, "v_head_dim") or head_dim
+        width = heads * (qk_dim + v_dim)  # 2 · heads · head_dim where the two agree
+        span = _span(layer, kind)
+        if kind == "sliding" and span is not None and span < seq_len:
+            total += 3 * width * (2 * span * seq_len - span * span) // seq_len
+        elif kind == "chunked" and span is not None and span < seq_len:
+            total += 3 * width * span
+        else:
+            total += 3 * width * seq_len
+    return total
+
+
+# Layer types (transformers' names, see midtrain.model.families) without a quadratic attention term.
+_NO_ATTENTION = frozenset({"linear_attention", "conv", "mamba", "mamba2", "recurrent", "rwkv", "ssm"})
+
+
+def _layer_kinds(config: Any) -> list[str | None]:
+    """Each layer's attention span kind: "full", "sliding", "chunked", or None (no attention matrix)."""
+    from midtrain.model.families import layer_types
+
+    kinds: list[str | None] = []
+    for t in layer_types(config):
+        if t in _NO_ATTENTION:
+            kinds.append(None)
+        elif "sliding" in t:  # sliding_attention, hybrid_sliding
+            kinds.append("sliding")
+        elif "chunk" in t:
+            kinds.append("chunked")
+        else:  # full_attention, attention, hybrid (attention beside a state-space mixer), unknown types
+            kinds.append("full")
+    return kinds
+
+
+def _layer_configs(config: Any) -> list[Any]:
+    """One config per decoder layer: transformers' per-layer view of a heterogeneous config (`per_layer_config`,
+    Gemma 4), where reading a per-layer attribute from the global config raises; the config itself otherwise."""
+    n = int(_plain(config, "num_hidden_layers") or 0)
+    if getattr(config, "is_heterogeneous", False):
+        view = config.per_layer_config
+        return [view[i] for i in range(n)]
+    return [config] * n
+
+
+def _plain(config: Any, key: str) -> Any:
+    """`config.key`, None when the config has no such attribute (or only per layer)."""
+    try:
+        return getattr(config, key, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return None
+
+
+def _span(layer: Any, kind: str) -> int | None:
+    if kind == "sliding":
+        from midtrain.model.families import sliding_window
+
+        try:
+            return sliding_window(layer)
+        except RuntimeError:
+            return None
+    if kind == "chunked":
+        chunk = _plain(layer, "attention_chunk_size")
+        return int(chunk) if chunk else None
+    return None
 
 
 def is_dense(config: Any) -> bool:
