@@ -10,18 +10,15 @@ The setting is a parsed `RopeSetting` (`midtrain.context.setting`): midtrain's m
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from midtrain.context.checks import rope_issues, stage_rope_issues, validate_rope  # noqa: F401 (re-exported)
+from midtrain.context.checks import config_rope_issues, rope_issues, stage_rope_issues, validate_rope  # noqa: F401
 from midtrain.context.methods import RECORD, base_spec  # noqa: F401 (re-exported)
+from midtrain.context.remap import remap_rope
 from midtrain.context.setting import HF_ROPE_KEYS, RopeSetting, RopeSettingError, parse_rope  # noqa: F401
-
-# Model properties that live in rope_parameters but are not a method's parameter: a replaced dict keeps them.
-_KEPT_KEYS = ("partial_rotary_factor", "mrope_section")
 
 
 def rotary_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -46,50 +43,19 @@ def apply_rope(model: nn.Module, rope: RopeSetting | Mapping[str, Any] | None) -
     if not rope:
         return
     config = model.config
-    old = dict(getattr(config, "rope_parameters", None) or {})
-    try:
-        setting = parse_rope(rope, current=old)
-        assert setting is not None
-        spec = base_spec(config)
-        errors = [i for i in rope_issues(setting, spec=spec, training=False) if i.severity == "error"]
-    except RopeSettingError as e:
-        errors = e.issues
-    except (ValueError, AttributeError) as e:  # the config's own rotary setup cannot be read
-        raise ValueError(f"invalid rope setting: rope: cannot read the model's rotary setup: {e}") from None
-    if errors:
+    errors = [i for i in config_rope_issues(rope, config, training=False) if i.severity == "error"]
+    if errors:  # includes the family's own config validation of the result: the model is left untouched
         raise RopeSettingError(errors)
-    record = None
-    if setting.form == "method":
-        rope_parameters, max_pos = setting.rope_parameters(spec)
-        for key in _KEPT_KEYS:
-            if key in old:
-                rope_parameters.setdefault(key, old[key])
-        record = {"method": setting.method, **setting.params, "base_rope_theta": spec.base}
-    else:
-        rope_parameters = dict(old)
-        new = dict(setting.written)
-        max_pos = new.pop("max_position_embeddings", None)
-        if new.get("rope_type", rope_parameters.get("rope_type")) != rope_parameters.get("rope_type"):
-            # A different method: drop the old method's parameters, keep the base frequency and model properties.
-            rope_parameters = {k: rope_parameters[k] for k in ("rope_theta", *_KEPT_KEYS) if k in rope_parameters}
-        rope_parameters.update(new)
-        rope_parameters.setdefault("rope_type", "default")
-    # Let the model family's own config validation judge the result before the live config changes.
-    trial = copy.deepcopy(config)
-    trial.rope_parameters = copy.deepcopy(rope_parameters)
-    if max_pos is not None:
-        trial.max_position_embeddings = int(max_pos)
-    if hasattr(trial, "validate_rope"):
-        try:
-            trial.validate_rope()
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"invalid rope setting for a {config.model_type!r} model: {e}") from None
+    remap = remap_rope(config, rope)
+    rope_parameters, max_pos, record = remap.rope_parameters, remap.max_position_embeddings, remap.record
     config.rope_parameters = rope_parameters
     if max_pos is not None:
         config.max_position_embeddings = int(max_pos)
     if record is not None or getattr(config, RECORD, None) is not None:
         setattr(config, RECORD, record)  # a raw dict replaces whatever a method form wrote
-    for parent, attr, module in rotary_modules(model):
-        device = module.inv_freq.device if hasattr(module, "inv_freq") else None
+    for parent, attr, module in rotary_modules(model):  # per-layer-type modules rebuild every type from the config
+        buffer = next(module.buffers(), None)  # inv_freq, or <layer type>_inv_freq per layer type
+        device = buffer.device if buffer is not None else None
         rebuilt = type(module)(config=config)
         setattr(parent, attr, rebuilt.to(device) if device is not None else rebuilt)
+

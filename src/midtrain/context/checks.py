@@ -11,8 +11,16 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from midtrain.context.methods import RotarySpec, base_spec, resolve, yarn_correction_range
-from midtrain.context.setting import Path, RopeIssue, RopeSetting, parse_rope_issues
+from midtrain.context.methods import (
+    RECORD,
+    RotarySpec,
+    base_spec,
+    resolve,
+    rope_layer_parameters,
+    yarn_correction_range,
+)
+from midtrain.context.remap import default_layer_types, has_rotary, remap_rope, trial_rope
+from midtrain.context.setting import Path, RopeIssue, RopeSetting, RopeSettingError, parse_rope_issues
 
 
 def rope_issues(
@@ -123,13 +131,6 @@ def _check_ramp(spec: RotarySpec, params: Mapping[str, Any], warn: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ over a raw mapping
-def _spec_and_current(spec_or_config: Any) -> tuple[RotarySpec | None, Mapping[str, Any] | None]:
-    """(rotary spec, current rope_parameters) of a RotarySpec, an HF config, or None. May raise on a bad config."""
-    if spec_or_config is None or isinstance(spec_or_config, RotarySpec):
-        return spec_or_config, None
-    return base_spec(spec_or_config), dict(getattr(spec_or_config, "rope_parameters", None) or {})
-
-
 def setting_issues(
     rope: Any, seq_len: int | None = None, spec_or_config: Any = None, *, training: bool = True,
     path: Path = ("rope",),
@@ -137,23 +138,78 @@ def setting_issues(
     """Every problem of a `rope` value (raw mapping or RopeSetting) as `RopeIssue`s: parse, then `rope_issues`.
 
     `spec_or_config` (a RotarySpec or the model's HF config) enables the checks that need head_dim, the base and
-    an L0 already in the config; a config also gives a transformers dict the rope_parameters it merges into.
+    an L0 already in the config; a config also gives a transformers dict the rope_parameters it merges into, and
+    adds the checks against the model (`config_rope_issues`).
     """
     if rope is None:
         return []
-    try:
-        spec, current = _spec_and_current(spec_or_config)
-    except (ValueError, AttributeError) as e:
-        _, issues = parse_rope_issues(rope, path)
-        return [*issues, RopeIssue(path, f"cannot read the model's rotary setup: {e}")]
-    if isinstance(rope, RopeSetting) and (current is None or rope.form == "method"):
+    if spec_or_config is not None and not isinstance(spec_or_config, RotarySpec):
+        return config_rope_issues(rope, spec_or_config, seq_len=seq_len, training=training, path=path)
+    if isinstance(rope, RopeSetting):
         setting, issues = rope, []  # parsed at recipe load, and nothing to merge into
     else:
-        setting, issues = parse_rope_issues(rope, path, current=current)
+        setting, issues = parse_rope_issues(rope, path)
     if setting is None:
         return issues
     clean = not any(i.severity == "error" for i in issues)
-    return issues + _check(setting, seq_len, spec, training, path, parsed_clean=clean)
+    return issues + _check(setting, seq_len, spec_or_config, training, path, parsed_clean=clean)
+
+
+def config_rope_issues(
+    rope: Any, config: Any, *, seq_len: int | None = None, training: bool = True, path: Path = ("rope",)
+) -> list[RopeIssue]:
+    """The problems of `rope` on a model with this HF config, as `apply_rope` would meet them and before: each
+    remapped layer type checked with its own rotary spec, a model without rotary embeddings, a result the family's
+    own config refuses (Phi-3 takes only longrope), and a warning when the base's own remap (llama3, yarn) is
+    replaced rather than composed."""
+    if rope is None:
+        return []
+    if not has_rotary(config):
+        _, issues = parse_rope_issues(rope, path)
+        return [*issues, RopeIssue(path, f"model type {config.model_type!r} has no rotary position embedding (it "
+                                         "learns absolute positions); a rope setting cannot apply to it")]
+    issues: list[RopeIssue] = []
+    try:
+        per_type = rope_layer_parameters(config)
+        if per_type is None:
+            targets = [(None, dict(getattr(config, "rope_parameters", None) or {}))]
+        else:
+            parsed, issues = parse_rope_issues(rope, path)
+            if parsed is None:
+                return issues
+            chosen = parsed.layer_types or default_layer_types(list(per_type))
+            targets = [(t, per_type[t]) for t in chosen if t in per_type]
+        for layer_type, current in targets:
+            spec = base_spec(config, layer_type)
+            if isinstance(rope, RopeSetting) and rope.form == "method":
+                setting, found = rope, []
+            else:
+                setting, found = parse_rope_issues(rope, path, current=current)
+            if setting is not None:
+                clean = not any(i.severity == "error" for i in found)
+                found += _check(setting, seq_len, spec, training, path, parsed_clean=clean)
+            issues += [i for i in found if i not in issues]
+    except (ValueError, AttributeError) as e:
+        return [*issues, RopeIssue(path, f"cannot read the model's rotary setup: {e}")]
+    if any(i.severity == "error" for i in issues):
+        return issues
+    try:
+        remap = remap_rope(config, rope)
+        trial_rope(config, remap.rope_parameters, remap.max_position_embeddings)
+    except RopeSettingError as e:
+        return issues + [i if i.path[:len(path)] == path else i.under(*path[:-1]) for i in e.issues]
+    except ValueError as e:
+        cause = str(e).removeprefix(f"invalid rope setting for a {config.model_type!r} model: ")
+        return issues + [RopeIssue((*path, "method"), f"transformers' {config.model_type!r} config refuses it: "
+                                                      f"{cause}")]
+    method = rope.get("method", rope.get("rope_type")) if isinstance(rope, Mapping) else None
+    # A remap midtrain wrote itself (a length ladder's earlier rung) is replaced by design: factors count from L0.
+    own = isinstance(getattr(config, RECORD, None), dict)
+    for replaced in [] if own else remap.replaced:
+        issues.append(RopeIssue((*path, "method"), f"the base already uses {replaced} scaling; this stage's "
+                                f"{method} replaces it (computed from the base rope_theta), it does not compose "
+                                "on top of it", "warning"))
+    return issues
 
 
 def validate_rope(
@@ -180,4 +236,39 @@ def stage_rope_issues(
                 errors.append((issue.under("stages", stage.name if by_name else i).path, issue.message))
             else:
                 warnings.append(f"stage {stage.name!r}: {issue}")
+    if spec_or_config is not None and not isinstance(spec_or_config, RotarySpec) and not errors:
+        length_errors, length_warnings = _length_issues(stages, spec_or_config, by_name)
+        errors += length_errors
+        warnings += length_warnings
+    return errors, warnings
+
+
+def _length_issues(stages: Sequence[Any], config: Any, by_name: bool) -> tuple[list[tuple[Path, str]], list[str]]:
+    """Each stage's seq_len against the positions the base (and the RoPE of the stages so far) declare: beyond a
+    learned position table it cannot run (error); beyond a RoPE model's max_position_embeddings it runs at
+    positions the model was not set up for (warning)."""
+    declared = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    errors: list[tuple[Path, str]] = []
+    warnings: list[str] = []
+    if not declared:
+        return errors, warnings
+    rotary = has_rotary(config)
+    for i, stage in enumerate(stages):
+        key = stage.name if by_name else i
+        if not rotary:
+            if stage.seq_len > declared:
+                errors.append((("stages", key, "seq_len"), f"{stage.seq_len} is beyond the {declared} positions "
+                               f"model type {config.model_type!r} learned (absolute position embeddings, no RoPE "
+                               f"to extend); use seq_len <= {declared}"))
+            continue
+        if stage.rope:
+            try:
+                declared = max(declared, remap_rope(config, stage.rope).max_position_embeddings or 0)
+            except ValueError:
+                pass  # reported with the setting
+        if stage.seq_len > declared:
+            warnings.append(f"stage {stage.name!r}: seq_len {stage.seq_len} is beyond the {declared} positions the "
+                            f"base and the stages' RoPE declare (max_position_embeddings); extend RoPE in this stage "
+                            f"(e.g. yarn, factor {stage.seq_len / declared:g}) or the model runs at positions it "
+                            "was not set up for")
     return errors, warnings

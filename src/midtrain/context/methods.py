@@ -43,15 +43,27 @@ class RotarySpec:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
-    def from_config(cls, config: Any) -> RotarySpec:
-        """Read a (transformers 5.x) config the way `modeling_rope_utils` reads it."""
-        rp = dict(getattr(config, "rope_parameters", None) or {})
-        labels = getattr(config, "layer_types", None) or ()
-        if any(k in labels for k in rp):
-            raise ValueError("per-layer-type rope_parameters are not supported by midtrain's RoPE remapping")
+    def from_config(cls, config: Any, layer_type: str | None = None) -> RotarySpec:
+        """Read a (transformers 5.x) config the way `modeling_rope_utils` reads it. A config with per-layer-type
+        rope_parameters (Gemma 3/4, OLMo 3) is read for one `layer_type`, with that type's own head_dim where the
+        family has per-layer shapes (Gemma 4's `per_layer_config`)."""
+        per_type = rope_layer_parameters(config)
+        shapes = config
+        if per_type is not None:
+            if layer_type is None:
+                raise ValueError(f"per-layer-type rope_parameters ({', '.join(per_type)}): name the layer type")
+            if layer_type not in per_type:
+                raise ValueError(f"no layer type {layer_type!r} in rope_parameters (has: {', '.join(per_type)})")
+            rp = dict(per_type[layer_type])
+            try:
+                shapes = config.per_layer_config[layer_type]
+            except (AttributeError, KeyError, TypeError, ValueError):
+                shapes = config
+        else:
+            rp = dict(getattr(config, "rope_parameters", None) or {})
         base = rp.get("rope_theta") or getattr(config, "rope_theta", None) or getattr(config, "default_theta", 1e4)
         prf = rp.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = getattr(shapes, "head_dim", None) or shapes.hidden_size // shapes.num_attention_heads
         rope_type = rp.get("rope_type", rp.get("type", "default"))
         original = rp.get("original_max_position_embeddings")
         if rope_type in _TYPES_READING_ORIGINAL and getattr(config, "original_max_position_embeddings", None):
@@ -68,21 +80,35 @@ class RotarySpec:
 RECORD = "midtrain_rope"  # config attribute recording the last method-form remap (saved in config.json)
 
 
-def base_spec(config: Any) -> RotarySpec:
+def rope_layer_parameters(config: Any) -> dict[str, dict[str, Any]] | None:
+    """{layer type: rope_parameters} of a config whose RoPE is set per layer type (Gemma 3/4: local sliding
+    layers at theta 10k, global ones their own), else None."""
+    rp = getattr(config, "rope_parameters", None) or {}
+    labels = set(getattr(config, "layer_types", None) or ())
+    if rp and labels and all(k in labels and isinstance(v, dict) for k, v in rp.items()):
+        return {k: dict(v) for k, v in rp.items()}
+    return None
+
+
+def base_spec(config: Any, layer_type: str | None = None) -> RotarySpec:
     """The spec a new remap starts from: the config's, except that a derived theta does not compound.
 
     A method-form remap records itself in `config.midtrain_rope`. A method that `derives_theta` (ntk) derives it
     from the factor, so a later stage (or the same setting repeated on a continued model) starts from the theta
     before it; a theta chosen by `abf` or given as `rope_theta` is the model's base from then on.
     """
-    spec = RotarySpec.from_config(config)
+    spec = RotarySpec.from_config(config, layer_type)
     record = getattr(config, RECORD, None)
     name = record.get("method") if isinstance(record, dict) else None
     method = METHODS.get(name) if isinstance(name, str) else None
-    if method is not None and method.derives_theta and record.get("base_rope_theta"):
+    base = record.get("base_rope_theta") if method is not None else None
+    if isinstance(base, dict):  # per layer type
+        touched = layer_type in (record.get("layer_types") or ())
+        base = base.get(layer_type) if touched else None
+    if method is not None and method.derives_theta and base:
         spec = RotarySpec(
             head_dim=spec.head_dim,
-            base=float(record["base_rope_theta"]),
+            base=float(base),
             original_max_position_embeddings=spec.original_max_position_embeddings,
             max_position_embeddings=spec.max_position_embeddings,
             partial_rotary_factor=spec.partial_rotary_factor,

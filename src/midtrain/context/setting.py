@@ -93,6 +93,8 @@ class RopeSetting(Mapping[str, Any]):
     raw: Mapping[str, Any] = field(repr=False)
     form: Literal["method", "transformers"] = "method"
     written: Mapping[str, Any] = field(default_factory=dict, repr=False)  # the written keys, coerced
+    # per-layer-type RoPE (Gemma 3/4, OLMo 3): the layer types the remap touches; None = the default (global layers)
+    layer_types: tuple[str, ...] | None = None
 
     @property
     def info(self) -> MethodInfo:
@@ -166,6 +168,8 @@ def parse_rope_issues(
         both = "give either `method` (midtrain's names) or `rope_type` (transformers'), not both"
         return None, [RopeIssue(path, both)]
     issues: list[RopeIssue] = []
+    layer_types = _layer_types(raw.get("layer_types", None), (*path, "layer_types"), issues)
+    full_raw, raw = raw, {k: v for k, v in raw.items() if k != "layer_types"}
     if "method" in raw:
         form = "method"
         method = raw["method"]
@@ -210,8 +214,21 @@ def parse_rope_issues(
             written[key] = coerce_param(key, value)
         except ValueError:
             continue  # reported above
-    setting = RopeSetting(method=method, params=params, raw=copy.deepcopy(dict(raw)), form=form, written=written)
+    setting = RopeSetting(method=method, params=params, raw=copy.deepcopy(dict(full_raw)), form=form, written=written,
+                          layer_types=layer_types)
     return setting, issues
+
+
+def _layer_types(value: Any, path: Path, issues: list[RopeIssue]) -> tuple[str, ...] | None:
+    """`layer_types:` of a setting: a non-empty list of layer-type names (checked against the model later)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(t, str) and t for t in value):
+        issues.append(RopeIssue(path, f"expected a list of layer types, e.g. [full_attention] (got {value!r})"))
+        return None
+    return tuple(dict.fromkeys(value))
 
 
 def _transformers_form(

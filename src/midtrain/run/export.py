@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
+from midtrain.context.remap import has_rotary
 from midtrain.model import build_model, save_hf_checkpoint, unwrap_model
 from midtrain.plan import StagePlan
 from midtrain.run.context import RunContext
@@ -24,8 +27,12 @@ def export_stage(ctx: RunContext, stage: StagePlan, model, state: TrainerState, 
     if not ctx.dist.is_main:
         barrier()
         return
-    plain = build_model(unwrap_model(model).config, seed=0)
-    plain.load_state_dict(weights, strict=False)
+    trained = unwrap_model(model)
+    dtype = export_dtype(ctx.recipe)
+    plain = build_model(declared_config(trained.config, stage.seq_len), seed=0)
+    plain.generation_config = copy.deepcopy(trained.generation_config)  # the base's sampling defaults and ids
+    plain.load_state_dict({k: v.to(dtype).float() if v.is_floating_point() else v for k, v in weights.items()},
+                          strict=False)  # the weights as written: the probe is what the export computes
     plain.eval()
     probe_ids = torch.arange(min(64, stage.seq_len)).remainder(len(ctx.tokenizer)).unsqueeze(0)
     with torch.no_grad():
@@ -39,7 +46,7 @@ def export_stage(ctx: RunContext, stage: StagePlan, model, state: TrainerState, 
         "seq_len": stage.seq_len,  # the context the stage trained at: the next extension's L0 (`rope show`)
     }
     try:
-        save_hf_checkpoint(plain, ctx.tokenizer, out, extra=extra,
+        save_hf_checkpoint(plain, ctx.tokenizer, out, extra=extra, dtype=dtype,
                            extra_tensors={PROBE_FILE: {"input_ids": probe_ids, "logits": probe_logits}})
     except (OSError, RuntimeError, SafetensorError) as exc:  # e.g. a full disk: say so instead of a traceback
         reason = ckpt.write_error(exc, out.parent)  # the partial export is already removed (io.publish_dir)
@@ -47,3 +54,27 @@ def export_stage(ctx: RunContext, stage: StagePlan, model, state: TrainerState, 
             f"{reason} while exporting stage {stage.name!r} to {out}; the partial export was removed and the "
             "stage's final checkpoint is intact; free space and run the same command to export again") from None
     barrier()
+
+
+def export_dtype(recipe) -> torch.dtype:
+    """`export_dtype`, with auto = the dtype the base checkpoint declares (fp32 for a preset or an undeclared one)."""
+    if recipe.export_dtype != "auto":
+        return getattr(torch, recipe.export_dtype)
+    base = recipe.base_ref
+    if base.is_preset or not (Path(base.name) / "config.json").is_file():
+        return torch.float32
+    try:
+        config = json.loads((Path(base.name) / "config.json").read_text())
+    except ValueError:
+        return torch.float32
+    declared = config.get("dtype") or config.get("torch_dtype")
+    return torch.bfloat16 if declared == "bfloat16" else torch.float32  # fp16 is not trained here
+
+
+def declared_config(config, seq_len: int):
+    """The config an export declares: a RoPE model's max_position_embeddings at least the length it trained at.
+    (A learned position table cannot be declared longer than it is.)"""
+    out = copy.deepcopy(config)
+    if has_rotary(out) and (getattr(out, "max_position_embeddings", None) or 0) < seq_len:
+        out.max_position_embeddings = seq_len
+    return out
