@@ -41,8 +41,8 @@ def method_settings(config) -> dict[str, dict]:
     """One representative setting per midtrain method, for this config's rotary dimensions."""
     try:
         half = RotarySpec.from_config(config).dim // 2
-    except (ValueError, AttributeError):
-        half = int(getattr(config, "head_dim", None) or 16) // 2
+    except (ValueError, AttributeError):  # per-layer-type RoPE: longrope is refused there anyway
+        half = 8
     original = {"original_max_position_embeddings": L0}
     return {
         "linear": {"method": "linear", "factor": 2},
@@ -117,6 +117,7 @@ def main() -> None:
     junit = args.junit
     if junit is None:
         junit = Path(tempfile.mkdtemp()) / "families.xml"
+        print(f"test results: {junit}")
         tests = [t for t in TESTS if (ROOT / t).is_file()]
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests,
                         f"--junitxml={junit}"], cwd=ROOT, check=False)

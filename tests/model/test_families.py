@@ -182,3 +182,9 @@ def test_a_sharded_bf16_base_trains_and_exports_in_its_own_dtype(corpus, tmp_pat
     assert weights and {t.dtype for t in weights.values()} == {torch.bfloat16}  # export_dtype: auto = the base's
     plain = AutoModelForCausalLM.from_pretrained(export)
     assert type(plain).__name__ == "Qwen3MoeForCausalLM"
+
+
+def test_the_support_table_covers_every_family():
+    """docs/MODELS.md is written by scripts/family_support.py from these tests; a family added here needs a row."""
+    table = (Path(__file__).resolve().parents[2] / "docs" / "MODELS.md").read_text()
+    assert [f for f in FAMILIES if f"| `{f}` |" not in table] == []
