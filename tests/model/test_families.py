@@ -188,3 +188,14 @@ def test_the_support_table_covers_every_family():
     """docs/MODELS.md is written by scripts/family_support.py from these tests; a family added here needs a row."""
     table = (Path(__file__).resolve().parents[2] / "docs" / "MODELS.md").read_text()
     assert [f for f in FAMILIES if f"| `{f}` |" not in table] == []
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_fsdp_finds_every_decoder_layer(model_type):
+    """FSDP2 shards the family's own repeated block one by one (GPT2Block, GPTNeoXLayer, *DecoderLayer)."""
+    from midtrain.train.distributed import decoder_layers
+
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+    layers = decoder_layers(model)
+    assert len(layers) == model.config.num_hidden_layers
+    assert not any(a is not b and any(m is b for m in a.modules()) for a in layers for b in layers)  # disjoint

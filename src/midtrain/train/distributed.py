@@ -66,9 +66,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    # HF causal LMs (Llama, Qwen2/3, Mistral, ...) name their blocks *DecoderLayer.
-    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, FSDP2's units: the family's own class (`_no_split_modules`), so GPT2Block and
+    GPTNeoXLayer are found as well as *DecoderLayer."""
+    from midtrain.model.families import decoder_layer_classes
+
+    classes = decoder_layer_classes(model)
+    return [m for m in model.modules() if isinstance(m, classes)]
 
 
 def wrap_model(model: nn.Module, mode: str, info: DistInfo, *, fsdp_bf16_params: bool = False) -> nn.Module:
@@ -85,7 +89,7 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo, *, fsdp_bf16_params:
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if fsdp_bf16_params else None
         kwargs = {"mp_policy": mp} if mp is not None else {}
-        for layer in _decoder_layers(model):
+        for layer in decoder_layers(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
         return model
