@@ -32,6 +32,9 @@ def show(
     param: Annotated[Optional[list[str]], typer.Option(
         "--param", help="Method parameter KEY=VALUE, e.g. beta_fast=4 or rope_theta=5e5 (repeatable).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write wavelength vs scale factor to this PNG.")] = None,
+    layer_type: Annotated[Optional[str], typer.Option(
+        help="With --checkpoint of a per-layer-type RoPE model (Gemma 3/4, OLMo 3): the layer type to show "
+             "[default: the global layers, what an extension touches].", show_default=False)] = None,
 ) -> None:
     """Print per-dimension wavelengths, scale factors and the attention factor of one or more methods."""
     from midtrain.context.rope import coerce_param, rope_show
@@ -39,7 +42,8 @@ def show(
     given = {"base": base, "head_dim": head_dim, "original": original, "partial_rotary_factor": partial_rotary_factor}
     fallback = {"base": 10000.0, "head_dim": 64, "original": 256, "partial_rotary_factor": 1.0}
     if checkpoint is not None:
-        fallback = {**{k: v for k, v in fallback.items() if k != "original"}, **_checkpoint_rotary(checkpoint)}
+        fallback = {**{k: v for k, v in fallback.items() if k != "original"},
+                    **_checkpoint_rotary(checkpoint, layer_type)}
         if original is None and "original" not in fallback:
             fail(escape(f"--checkpoint {checkpoint}: its config does not record L0 (original_max_position_embeddings);"
                         " pass --original, the length it was trained at"), EXIT_RECIPE)
@@ -136,18 +140,28 @@ def search(
         f"recipe snippet: {out / 'rope.yaml'}  history: {out / 'history.json'}", highlight=False)
 
 
-def _checkpoint_rotary(checkpoint: Path) -> dict:
+def _checkpoint_rotary(checkpoint: Path, layer_type: str | None = None) -> dict:
     """head_dim, rope_theta, partial rotary factor and, where its config records it, L0 (a config's
-    max_position_embeddings is not always the length it was trained at, so L0 is never guessed from it)."""
+    max_position_embeddings is not always the length it was trained at, so L0 is never guessed from it). A model
+    with RoPE per layer type prints each type's setting and is read for `layer_type` (default: the global ones)."""
     import transformers
 
-    from midtrain.context.methods import RotarySpec
+    from midtrain.context.methods import RotarySpec, rope_layer_parameters
+    from midtrain.context.remap import default_layer_types
 
     if not (checkpoint / "config.json").is_file():
         fail(escape(f"--checkpoint {checkpoint}: no config.json there"), EXIT_RECIPE)
     try:
         config = transformers.AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
-        spec = RotarySpec.from_config(config)
+        per_type = rope_layer_parameters(config)
+        if per_type is not None:
+            layer_type = layer_type or default_layer_types(list(per_type))[0]
+            for name, params in per_type.items():
+                marker = "  <- shown" if name == layer_type else ""
+                console.print(f"layer type {name}: {params}{marker}", highlight=False, markup=False)
+        elif layer_type is not None:
+            fail(escape(f"--layer-type {layer_type}: {checkpoint} sets one RoPE for all layers"), EXIT_RECIPE)
+        spec = RotarySpec.from_config(config, layer_type)
     except (OSError, ValueError, AttributeError, TypeError) as exc:
         fail(escape(f"--checkpoint {checkpoint}: cannot read its rotary settings ({exc})"), EXIT_RECIPE)
     original = spec.original_max_position_embeddings
