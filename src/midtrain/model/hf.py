@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -154,6 +156,7 @@ def save_hf_checkpoint(
     state_dict: dict[str, torch.Tensor] | None = None,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     dtype: torch.dtype = torch.float32,
+    generation_config_file: str | Path | None = None,
 ) -> Path:
     """Export a loadable HF checkpoint (safetensors in `dtype`, config, generation config, tokenizer) atomically.
 
@@ -161,7 +164,8 @@ def save_hf_checkpoint(
     new one, never a partial one. `state_dict` overrides the model's own (e.g. a gathered FSDP full state dict).
     `extra` is written as `midtrain.json`, `extra_tensors` ({file name: tensors}) as further safetensors files (e.g.
     a round-trip probe), and `midtrain_files.json` last with the size and sha256 of every other file. The model's
-    config is left as it was. Call on one rank only.
+    config is left as it was. `generation_config_file` (the base's generation_config.json) is copied as it is in
+    place of the model's generation config. Call on one rank only.
     """
     inner = unwrap_model(model)
     config = inner.config
@@ -173,13 +177,21 @@ def save_hf_checkpoint(
 
     def write(tmp: Path) -> None:
         saved = {k: getattr(config, k, None) for k in ("use_cache", "dtype", "architectures")}
+        generation = getattr(inner, "generation_config", None)
         try:
             config.use_cache = True  # users' generate() of the export should use the KV cache
+            if generation_config_file is not None and generation is not None:
+                # save_pretrained validates it strictly; the base's file is copied below, whatever it holds
+                inner.generation_config = GenerationConfig()
             inner.save_pretrained(tmp, state_dict=state_dict)
         finally:
             for k, v in saved.items():  # save_pretrained writes dtype/architectures into the live config
                 setattr(config, k, v)
+            if generation is not None:
+                inner.generation_config = generation
         _patch_json(tmp / "config.json", {"use_cache": True, "dtype": dtype_name})
+        if generation_config_file is not None:
+            shutil.copyfile(generation_config_file, tmp / "generation_config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, tensors in (extra_tensors or {}).items():

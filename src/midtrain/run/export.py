@@ -30,7 +30,7 @@ def export_stage(ctx: RunContext, stage: StagePlan, model, state: TrainerState, 
     trained = unwrap_model(model)
     dtype = export_dtype(ctx.recipe)
     plain = build_model(declared_config(trained.config, stage.seq_len), seed=0)
-    plain.generation_config = copy.deepcopy(trained.generation_config)  # the base's sampling defaults and ids
+    plain.generation_config = copy.deepcopy(trained.generation_config)  # a preset's (or a base's without a file)
     plain.load_state_dict({k: v.to(dtype).float() if v.is_floating_point() else v for k, v in weights.items()},
                           strict=False)  # the weights as written: the probe is what the export computes
     plain.eval()
@@ -47,7 +47,8 @@ def export_stage(ctx: RunContext, stage: StagePlan, model, state: TrainerState, 
     }
     try:
         save_hf_checkpoint(plain, ctx.tokenizer, out, extra=extra, dtype=dtype,
-                           extra_tensors={PROBE_FILE: {"input_ids": probe_ids, "logits": probe_logits}})
+                           extra_tensors={PROBE_FILE: {"input_ids": probe_ids, "logits": probe_logits}},
+                           generation_config_file=base_generation_config(ctx.recipe))
     except (OSError, RuntimeError, SafetensorError) as exc:  # e.g. a full disk: say so instead of a traceback
         reason = ckpt.write_error(exc, out.parent)  # the partial export is already removed (io.publish_dir)
         raise ckpt.CheckpointError(
@@ -71,10 +72,49 @@ def export_dtype(recipe) -> torch.dtype:
     return torch.bfloat16 if declared == "bfloat16" else torch.float32  # fp16 is not trained here
 
 
+def base_generation_config(recipe) -> Path | None:
+    """The base checkpoint's own generation_config.json (sampling defaults, stop ids), copied into every export as
+    it is: whatever stage or init the weights came from, and even where transformers would refuse to save it again
+    (e.g. a temperature without do_sample). None for a preset or a base without one."""
+    base = recipe.base_ref
+    if base.is_preset:
+        return None
+    local = Path(base.name) / "generation_config.json"
+    if local.is_file():
+        return local
+    if base.allow_hub and not Path(base.name).exists():  # a hub base: the copy load_model downloaded, if any
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base.name, "generation_config.json")
+        if isinstance(cached, str) and Path(cached).is_file():
+            return Path(cached)
+    return None
+
+
+# RoPE kinds whose frequencies and scaling never read max_position_embeddings (yarn and longrope only once their
+# factor is given; llama3, yarn and longrope read original_max_position_embeddings from rope_parameters instead).
+# Dynamic NTK scales by seq_len / max_position_embeddings, at init and as it runs: declaring more would change it.
+_POSITION_FREE_ROPE = frozenset({"default", "linear", "llama3", "proportional"})
+_FACTOR_ROPE = frozenset({"yarn", "longrope"})
+
+
+def _rope_reads_max_positions(config) -> bool:
+    rope = getattr(config, "rope_parameters", None) or {}
+    per_type = [p for p in rope.values() if isinstance(p, dict)]
+    for params in per_type or [rope]:
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind in _POSITION_FREE_ROPE or (kind in _FACTOR_ROPE and params.get("factor") is not None):
+            continue
+        return True
+    return False
+
+
 def declared_config(config, seq_len: int):
     """The config an export declares: a RoPE model's max_position_embeddings at least the length it trained at.
-    (A learned position table cannot be declared longer than it is.)"""
+    (A learned position table cannot be declared longer than it is, and a RoPE whose scaling reads
+    max_position_embeddings, as dynamic NTK does, keeps it: the export must compute what was trained.)"""
     out = copy.deepcopy(config)
-    if has_rotary(out) and (getattr(out, "max_position_embeddings", None) or 0) < seq_len:
+    if (has_rotary(out) and (getattr(out, "max_position_embeddings", None) or 0) < seq_len
+            and not _rope_reads_max_positions(out)):
         out.max_position_embeddings = seq_len
     return out
