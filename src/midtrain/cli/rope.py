@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NamedTuple, Optional
 
 import typer
 
@@ -33,23 +33,20 @@ def show(
         "--param", help="Method parameter KEY=VALUE, e.g. beta_fast=4 or rope_theta=5e5 (repeatable).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write wavelength vs scale factor to this PNG.")] = None,
     layer_type: Annotated[Optional[str], typer.Option(
-        help="With --checkpoint of a per-layer-type RoPE model (Gemma 3/4, OLMo 3): the layer type to show "
-             "[default: the global layers, what an extension touches].", show_default=False)] = None,
+        help="With --checkpoint of a per-layer-type RoPE model (Gemma 3/4, OLMo 3): show the method on this layer "
+             "type only [default: every layer type, the method on those an extension touches by default (the "
+             "global ones), the others as they stay].", show_default=False)] = None,
 ) -> None:
-    """Print per-dimension wavelengths, scale factors and the attention factor of one or more methods."""
+    """Print per-dimension wavelengths, scale factors and the attention factor of one or more methods. With a
+    --checkpoint whose RoPE is set per layer type, one section per layer type."""
     from midtrain.context.rope import coerce_param, rope_show
 
     given = {"base": base, "head_dim": head_dim, "original": original, "partial_rotary_factor": partial_rotary_factor}
-    fallback = {"base": 10000.0, "head_dim": 64, "original": 256, "partial_rotary_factor": 1.0}
+    defaults = {"base": 10000.0, "head_dim": 64, "original": 256, "partial_rotary_factor": 1.0}
+    sections = [_Section(None, "", {}, True)]
     if checkpoint is not None:
-        fallback = {**{k: v for k, v in fallback.items() if k != "original"},
-                    **_checkpoint_rotary(checkpoint, layer_type)}
-        if original is None and "original" not in fallback:
-            fail(escape(f"--checkpoint {checkpoint}: its config does not record L0 (original_max_position_embeddings);"
-                        " pass --original, the length it was trained at"), EXIT_RECIPE)
-    base, head_dim, original, partial_rotary_factor = (v if v is not None else fallback[k] for k, v in given.items())
-    for problem in show_argument_problems(factor, base, head_dim, original, target, partial_rotary_factor, plot):
-        fail(escape(problem), EXIT_RECIPE)
+        sections = _checkpoint_rotary(checkpoint, layer_type)
+        defaults.pop("original")  # L0 is never guessed for a checkpoint
 
     params = {}
     for item in param or []:
@@ -60,12 +57,32 @@ def show(
             params[key.strip()] = coerce_param(key.strip(), _number(value.strip()))
         except ValueError as exc:
             fail(escape(f"--param {key}: {exc}"), EXIT_RECIPE)
-    try:
-        out = rope_show(method, factor, base, head_dim, original, target, plot,
-                        partial_rotary_factor=partial_rotary_factor, **params)
-    except ValueError as exc:
-        fail(escape(str(exc)), EXIT_RECIPE)
-    console.print(out, highlight=False, markup=False)
+    outputs = []
+    plotted = False
+    for section in sections:
+        fallback = {**defaults, **section.values}
+        if original is None and "original" not in fallback:
+            fail(escape(f"--checkpoint {checkpoint}: its config does not record L0 (original_max_position_embeddings)"
+                        + (f" for layer type {section.layer_type}" if section.layer_type else "")
+                        + "; pass --original, the length it was trained at"), EXIT_RECIPE)
+        values = {k: v if v is not None else fallback[k] for k, v in given.items()}
+        for problem in show_argument_problems(factor, values["base"], values["head_dim"], values["original"], target,
+                                              values["partial_rotary_factor"], plot):
+            fail(escape(problem), EXIT_RECIPE)
+        shown_target = target or int(round((factor or 1) * values["original"]))
+        try:
+            if section.touched:  # the method, as an extension would remap this layer type
+                out = rope_show(method, factor, values["base"], values["head_dim"], values["original"], shown_target,
+                                None if plotted else plot, partial_rotary_factor=values["partial_rotary_factor"],
+                                **params)
+                plotted = plotted or plot is not None
+            else:  # left as it is: its own wavelengths, for comparison
+                out = rope_show("default", None, values["base"], values["head_dim"], values["original"],
+                                shown_target, partial_rotary_factor=values["partial_rotary_factor"])
+        except ValueError as exc:
+            fail(escape(str(exc)), EXIT_RECIPE)
+        outputs.append(f"{section.heading}\n{out}" if section.heading else out)
+    console.print("\n\n".join(outputs), highlight=False, markup=False)
 
 
 def show_argument_problems(factor: float | None, base: float, head_dim: int, original: int, target: int | None,
@@ -140,10 +157,31 @@ def search(
         f"recipe snippet: {out / 'rope.yaml'}  history: {out / 'history.json'}", highlight=False)
 
 
-def _checkpoint_rotary(checkpoint: Path, layer_type: str | None = None) -> dict:
+class _Section(NamedTuple):
+    """One table of `rope show`: a layer type of a per-layer-type RoPE model (None: the whole model)."""
+
+    layer_type: str | None
+    heading: str  # "layer type full_attention: rope_type default, rope_theta 1e+06 ..." ("" for the whole model)
+    values: dict  # base, head_dim, partial_rotary_factor and, where recorded, original
+    touched: bool  # shown with the method (else as it stays)
+
+
+def _describe(params: dict) -> str:
+    """rope_type, theta and the remap's own numbers of one rope_parameters dict, as one line."""
+    keys = ("rope_theta", "factor", "original_max_position_embeddings", "partial_rotary_factor")
+    parts = [f"rope_type {params.get('rope_type', params.get('type', 'default'))}"]
+    for key in keys:
+        value = params.get(key)
+        if value is not None:
+            parts.append(f"{key} {value:g}" if isinstance(value, (int, float)) else f"{key} {value}")
+    return ", ".join(parts)
+
+
+def _checkpoint_rotary(checkpoint: Path, layer_type: str | None = None) -> list[_Section]:
     """head_dim, rope_theta, partial rotary factor and, where its config records it, L0 (a config's
     max_position_embeddings is not always the length it was trained at, so L0 is never guessed from it). A model
-    with RoPE per layer type prints each type's setting and is read for `layer_type` (default: the global ones)."""
+    with RoPE per layer type gives one section per type, the method shown on those an extension touches by
+    default (or on `layer_type` only)."""
     import transformers
 
     from midtrain.context.methods import RotarySpec, rope_layer_parameters
@@ -154,27 +192,46 @@ def _checkpoint_rotary(checkpoint: Path, layer_type: str | None = None) -> dict:
     try:
         config = transformers.AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
         per_type = rope_layer_parameters(config)
-        if per_type is not None:
-            layer_type = layer_type or default_layer_types(list(per_type))[0]
-            for name, params in per_type.items():
-                marker = "  <- shown" if name == layer_type else ""
-                console.print(f"layer type {name}: {params}{marker}", highlight=False, markup=False)
-        elif layer_type is not None:
+        if per_type is None and layer_type is not None:
             fail(escape(f"--layer-type {layer_type}: {checkpoint} sets one RoPE for all layers"), EXIT_RECIPE)
-        spec = RotarySpec.from_config(config, layer_type)
+        if per_type is not None and layer_type is not None and layer_type not in per_type:
+            fail(escape(f"--layer-type {layer_type}: no such layer type with RoPE in {checkpoint} (it has: "
+                        f"{', '.join(per_type)})"), EXIT_RECIPE)
+        specs = {None: RotarySpec.from_config(config)} if per_type is None else {
+            name: RotarySpec.from_config(config, name) for name in per_type}
     except (OSError, ValueError, AttributeError, TypeError) as exc:
         fail(escape(f"--checkpoint {checkpoint}: cannot read its rotary settings ({exc})"), EXIT_RECIPE)
-    original = spec.original_max_position_embeddings
+    recorded = None
     info = checkpoint / "midtrain.json"  # a midtrain export records the length its stage trained at
-    if original is None and info.is_file():
+    if info.is_file():
         import json
 
         try:
-            original = json.loads(info.read_text()).get("seq_len")
+            recorded = json.loads(info.read_text()).get("seq_len")
         except ValueError:
-            original = None
-    return {"base": spec.base, "head_dim": spec.head_dim, "partial_rotary_factor": spec.partial_rotary_factor,
-            **({"original": int(original)} if original else {})}
+            recorded = None
+    default = default_layer_types(list(per_type or ()))
+    sections = []
+    for name, spec in specs.items():
+        original = spec.original_max_position_embeddings or recorded
+        values = {"base": spec.base, "head_dim": spec.head_dim, "partial_rotary_factor": spec.partial_rotary_factor,
+                  **({"original": int(original)} if original else {})}
+        if name is None:
+            sections.append(_Section(None, "", values, True))
+            continue
+        if layer_type is not None:
+            touched = name == layer_type
+            note = "shown with the method (--layer-type)" if touched else "not shown"
+        else:
+            touched = name in default
+            note = "an extension remaps it by default" if touched else \
+                "an extension leaves it as it is unless rope.layer_types names it; shown as it stays"
+        heading = f"layer type {name}: {_describe(per_type[name])} ({note})"
+        if layer_type is not None and not touched:
+            console.print(heading, highlight=False, markup=False)  # listed, no table
+            continue
+        sections.append(_Section(name, heading, values, touched))
+    return sections
 
 
 def _config_original(checkpoint: Path) -> int | None:

@@ -206,9 +206,11 @@ def config_rope_issues(
     # A remap midtrain wrote itself (a length ladder's earlier rung) is replaced by design: factors count from L0.
     own = isinstance(getattr(config, RECORD, None), dict)
     for replaced in [] if own else remap.replaced:
-        issues.append(RopeIssue((*path, "method"), f"the base already uses {replaced} scaling; this stage's "
-                                f"{method} replaces it (computed from the base rope_theta), it does not compose "
-                                "on top of it", "warning"))
+        where = f"the base's {replaced.layer_type} layers already use" if replaced.layer_type else \
+            "the base already uses"
+        issues.append(RopeIssue((*path, "method"), f"{where} {replaced.description} scaling; this stage's "
+                                f"{method} replaces it (computed from rope_theta {replaced.rope_theta:g}), it does "
+                                "not compose on top of it", "warning"))
     return issues
 
 

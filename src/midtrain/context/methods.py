@@ -82,12 +82,20 @@ RECORD = "midtrain_rope"  # config attribute recording the last method-form rema
 
 def rope_layer_parameters(config: Any) -> dict[str, dict[str, Any]] | None:
     """{layer type: rope_parameters} of a config whose RoPE is set per layer type (Gemma 3/4: local sliding
-    layers at theta 10k, global ones their own), else None."""
+    layers at theta 10k, global ones their own), else None.
+
+    Nested the way transformers reads it (`nested_rope_parameter_keys`): the keys that name one of the config's
+    layer types (or its `_rope_type_labels`, DeepSeek-V4's main/compress). Only those with a dict are returned: a
+    type set to None has no RoPE (NoPE layers), and an entry no layer uses (a Gemma 3 config whose few layers are
+    all sliding still carries `full_attention`) is not read by the model."""
     rp = getattr(config, "rope_parameters", None) or {}
-    labels = set(getattr(config, "layer_types", None) or ())
-    if rp and labels and all(k in labels and isinstance(v, dict) for k, v in rp.items()):
-        return {k: dict(v) for k, v in rp.items()}
-    return None
+    if not isinstance(rp, Mapping):
+        return None
+    labels = set(getattr(config, "_rope_type_labels", None) or getattr(config, "layer_types", None) or ())
+    nested = [k for k in rp if k in labels]
+    if not nested:
+        return None
+    return {k: dict(rp[k]) for k in nested if isinstance(rp[k], Mapping)}
 
 
 def base_spec(config: Any, layer_type: str | None = None) -> RotarySpec:

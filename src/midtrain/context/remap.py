@@ -32,21 +32,35 @@ _METHOD_KEYS = frozenset().union(*(r | o for r, o in HF_ROPE_KEYS.values()),
 _PROPORTIONAL_METHODS = ("linear", "abf")
 
 
+@dataclass(frozen=True)
+class Replaced:
+    """A remap of the base (llama3, yarn, ...) that a method-form stage replaces rather than composes with."""
+
+    description: str  # "llama3 (factor 8, original_max_position_embeddings 8192)"
+    rope_theta: float  # the base theta the new remap is computed from
+    layer_type: str | None = None  # per-layer-type RoPE: the layer type
+
+    def __str__(self) -> str:
+        return (f"{self.layer_type}: " if self.layer_type else "") + self.description
+
+
 @dataclass
 class Remap:
     """The result of a setting on one config: what to write, and what it replaced (for the plan's warnings)."""
 
     rope_parameters: dict[str, Any]
     max_position_embeddings: int | None
-    record: dict[str, Any] | None  # the method form's provenance (config.midtrain_rope); None for a raw dict
+    # provenance (config.midtrain_rope): the method form's parameters; for a raw dict None, or on per-layer-type
+    # RoPE {rope_parameters: the dict, layer_types: those it changed}
+    record: dict[str, Any] | None
     layer_types: list[str] | None = None  # the layer types remapped (per-layer-type RoPE only)
-    replaced: list[str] = field(default_factory=list)  # "llama3 (factor 8, L0 8192)" per remapped base it replaces
+    replaced: list[Replaced] = field(default_factory=list)  # each remapped base this one replaces
 
 
 def default_layer_types(types: list[str]) -> list[str]:
-    """The layer types an extension touches by default: the global ones (not sliding, not chunked)."""
-    chosen = [t for t in types if "sliding" not in t and "chunk" not in t]
-    return chosen or list(types)
+    """The layer types an extension touches by default: the global ones (not sliding, not chunked). Empty when
+    every type is windowed: the setting must then name them (`layer_types:`)."""
+    return [t for t in types if "sliding" not in t and "chunk" not in t]
 
 
 def remap_rope(config: Any, rope: RopeSetting | Mapping[str, Any]) -> Remap:
@@ -66,10 +80,20 @@ def remap_rope(config: Any, rope: RopeSetting | Mapping[str, Any]) -> Remap:
     types = list(per_type)
     touched = list(setting.layer_types) if setting.layer_types is not None else default_layer_types(types)
     unknown = [t for t in touched if t not in per_type]
+    nope = [t for t in unknown if t in (config.rope_parameters or {})]
+    if nope:
+        raise RopeSettingError([RopeIssue(("rope", "layer_types"), f"layer type {', '.join(map(repr, nope))} of "
+                                          f"this {config.model_type!r} model has no RoPE (its rope_parameters entry "
+                                          f"is None); RoPE layer types: {', '.join(types)}")])
     if unknown:
         raise RopeSettingError([RopeIssue(("rope", "layer_types"), f"no layer type {', '.join(map(repr, unknown))} "
                                           f"in this {config.model_type!r} model (it has: {', '.join(types)})")])
-    new = copy.deepcopy(per_type)
+    if not touched:
+        raise RopeSettingError([RopeIssue(("rope", "layer_types"), f"every RoPE layer type of this "
+                                          f"{config.model_type!r} model is windowed ({', '.join(types)}), and an "
+                                          "extension touches the global ones by default: name the layer types to "
+                                          "remap")])
+    new = copy.deepcopy(dict(config.rope_parameters))  # every entry kept: untouched types, NoPE (None) ones
     max_pos: int | None = None
     record: dict[str, Any] | None = None
     replaced = []
@@ -79,11 +103,13 @@ def remap_rope(config: Any, rope: RopeSetting | Mapping[str, Any]) -> Remap:
         new[layer_type] = params
         max_pos = length if max_pos is None or (length or 0) > max_pos else max_pos
         if replaced_one:
-            replaced.append(f"{layer_type}: {replaced_one}")
+            replaced.append(replaced_one)
         if typed_record is not None:
             record = record or {**{k: v for k, v in typed_record.items() if k != "base_rope_theta"},
                                 "layer_types": touched, "base_rope_theta": {}}
             record["base_rope_theta"][layer_type] = typed_record["base_rope_theta"]
+    if record is None:  # a transformers dict: no method to record, but which layer types it changed
+        record = {"rope_parameters": setting.to_dict(), "layer_types": touched}
     return Remap(new, max_pos, record, touched, replaced)
 
 
@@ -94,7 +120,7 @@ def _parse(rope: RopeSetting | Mapping[str, Any], current: dict[str, Any] | None
 
 
 def _remap_one(config: Any, setting: RopeSetting, layer_type: str | None
-               ) -> tuple[dict[str, Any], int | None, dict[str, Any] | None, str | None]:
+               ) -> tuple[dict[str, Any], int | None, dict[str, Any] | None, Replaced | None]:
     """(rope_parameters, max_position_embeddings, record, what it replaced) for one rope_parameters dict."""
     old = dict(rope_layer_parameters(config)[layer_type]) if layer_type else dict(
         getattr(config, "rope_parameters", None) or {})
@@ -112,7 +138,8 @@ def _remap_one(config: Any, setting: RopeSetting, layer_type: str | None
         params.update(new)
         params.setdefault("rope_type", "default")
         params.pop("type", None)
-        return params, max_pos, None, _replaced(old, params)
+        switched = params["rope_type"] != old_type  # the same type is merged: an edit of the base's remap
+        return params, max_pos, None, _replaced(old, params, spec.base, layer_type) if switched else None
     params, max_pos = setting.rope_parameters(spec)
     accepted = set(setting.info.accepted)
     for key, value in old.items():
@@ -120,12 +147,15 @@ def _remap_one(config: Any, setting: RopeSetting, layer_type: str | None
             params[key] = value  # the family's own YaRN field, not the method's default
         elif key not in _METHOD_KEYS and key not in params:
             params[key] = value  # a model property (llama_4_scaling_beta, partial_rotary_factor, ...)
+    if "max_position_embeddings" in old:  # Ministral 3 mirrors the model's length here: kept, at the new length
+        params["max_position_embeddings"] = int(max_pos or old["max_position_embeddings"])
     record = {"method": setting.method, **setting.params, "base_rope_theta": spec.base}
-    return params, max_pos, record, _replaced(old, params)
+    theta = float(setting.params.get("rope_theta") or spec.base)  # what it is computed from (ntk derives its own)
+    return params, max_pos, record, _replaced(old, params, theta, layer_type)
 
 
 def _remap_proportional(old: dict[str, Any], setting: RopeSetting, base: float, layer_type: str | None
-                        ) -> tuple[dict[str, Any], int | None, dict[str, Any] | None, str | None]:
+                        ) -> tuple[dict[str, Any], int | None, dict[str, Any] | None, Replaced | None]:
     where = f"layer type {layer_type!r}" if layer_type else "this model"
     if setting.method not in _PROPORTIONAL_METHODS:
         raise RopeSettingError([RopeIssue(("rope", "method"), f"{where} uses transformers' proportional RoPE (a "
@@ -141,14 +171,15 @@ def _remap_proportional(old: dict[str, Any], setting: RopeSetting, base: float, 
     return params, max_pos, record, None
 
 
-def _replaced(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
-    """A description of the base's own remap when the new parameters replace it (never composed with it)."""
+def _replaced(old: Mapping[str, Any], new: Mapping[str, Any], theta: float, layer_type: str | None
+              ) -> Replaced | None:
+    """The base's own remap when the new parameters replace it (never composed with it)."""
     old_type = old.get("rope_type", old.get("type", "default"))
     if old_type in ("default", "proportional") or dict(old) == dict(new):
         return None
     detail = ", ".join(f"{k} {old[k]:g}" if isinstance(old[k], (int, float)) and not isinstance(old[k], bool)
                        else f"{k} {old[k]}" for k in ("factor", "original_max_position_embeddings") if k in old)
-    return f"{old_type}" + (f" ({detail})" if detail else "")
+    return Replaced(f"{old_type}" + (f" ({detail})" if detail else ""), theta, layer_type)
 
 
 def trial_rope(config: Any, rope_parameters: dict[str, Any], max_pos: int | None) -> None:
@@ -169,4 +200,4 @@ def has_rotary(config: Any) -> bool:
     return bool(getattr(config, "rope_parameters", None)) or getattr(config, "rope_theta", None) is not None
 
 
-__all__ = ["MODEL_KEYS", "Remap", "default_layer_types", "has_rotary", "remap_rope", "trial_rope"]
+__all__ = ["MODEL_KEYS", "Remap", "Replaced", "default_layer_types", "has_rotary", "remap_rope", "trial_rope"]
