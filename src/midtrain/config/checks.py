@@ -3,6 +3,8 @@ RoPE settings, eval tasks and gates, averaging), each reported against the field
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from midtrain.config.recipe import Recipe
 from midtrain.context.checks import stage_rope_issues
 from midtrain.eval.gates import stage_eval_problems
@@ -28,11 +30,7 @@ def recipe_problems(recipe: Recipe) -> list[Problem]:
             problems.append(
                 ((*at, "batch", "tokens"), f"must be a multiple of seq_len ({stage.seq_len}), got {stage.batch.tokens}")
             )
-        for name in stage.data.mixture:
-            if name not in known:
-                problems.append(
-                    ((*at, "data", "mixture", name), f"unknown source {name!r}; known: {sorted(known) or 'none'}")
-                )
+        problems += unknown_mixture_sources(at, stage.data.mixture, known)
         if recipe.sources and not stage.data.mixture:
             problems.append(((*at, "data", "mixture"), "must name at least one source with a weight"))
         for name in stage.data.source_length_buckets:
@@ -141,3 +139,9 @@ def _averaging_problems(recipe: Recipe) -> list[Problem]:
             problems.append(((*at, "average" if avg else "monitor"), "not supported with distributed: fsdp2 yet "
                              "(use ddp)"))
     return problems
+
+
+def unknown_mixture_sources(stage_at: tuple, mixture: Iterable[str], known: set[str]) -> list[tuple[tuple, str]]:
+    """A stage mixture's names that no source has, at ("stages", i, "data", "mixture", name)."""
+    return [((*stage_at, "data", "mixture", name), f"unknown source {name!r}; known: {sorted(known) or 'none'}")
+            for name in mixture if name not in known]

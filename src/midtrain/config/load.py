@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from midtrain.config.base_ref import BaseRef
-from midtrain.config.checks import recipe_problems
+from midtrain.config.checks import recipe_problems, unknown_mixture_sources
 from midtrain.config.recipe import NAME_RE, Recipe
 
 Loc = tuple[str | int, ...]
@@ -355,9 +355,12 @@ def _path_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
     for i, source in enumerate(recipe.sources):
         if isinstance(source.path, str):  # a URL: checked when read (a clear DataError naming it)
             continue
-        if not source.path.exists():
-            problems.append((("sources", i, "path"), f"{source.path} does not exist"))
+        problems += _missing_path(i, source.path)
     return problems
+
+
+def _missing_path(index: int, path: Path) -> list[tuple[Loc, str]]:
+    return [] if path.exists() else [(("sources", index, "path"), f"{path} does not exist")]
 
 
 def _raw_problems(data: Any, root: Path, check_paths: bool) -> list[tuple[Loc, str]]:
@@ -371,17 +374,13 @@ def _raw_problems(data: Any, root: Path, check_paths: bool) -> list[tuple[Loc, s
     for i, source in enumerate(sources):
         path = source.get("path") if isinstance(source, dict) else None
         if check_paths and isinstance(path, str) and "://" not in path:
-            resolved = Path(path) if Path(path).is_absolute() else root / path
-            if not resolved.exists():
-                problems.append((("sources", i, "path"), f"{resolved.resolve()} does not exist"))
+            problems += _missing_path(i, (Path(path) if Path(path).is_absolute() else root / path).resolve())
     stages = data.get("stages") if isinstance(data.get("stages"), list) else []
     for i, stage in enumerate(stages):
         stage_data = stage.get("data") if isinstance(stage, dict) else None
         mixture = stage_data.get("mixture") if isinstance(stage_data, dict) else None
-        for name in mixture if isinstance(mixture, dict) and known else ():
-            if name not in known:
-                problems.append((("stages", i, "data", "mixture", name),
-                                 f"unknown source {name!r}; known: {sorted(known)}"))
+        if isinstance(mixture, dict) and known:
+            problems += unknown_mixture_sources(("stages", i), mixture, known)
     return problems
 
 

@@ -278,10 +278,10 @@ class _RowGather(torch.autograd.Function):
 
 def use_segments(model: torch.nn.Module, position_ids: torch.Tensor) -> bool:
     """Per-document attention where it is measured to pay: CPU, eager (not torch.compile: the plan's Python ints
-    would recompile every step), and a config without sliding windows shorter than the row."""
+    would recompile every step), and a family whose every layer attends the whole document (`packing_mode`)."""
     if position_ids.device.type != "cpu" or _is_compiled(model):
         return False
-    return _segment_safe(unwrap_model(model).config, position_ids.shape[-1])
+    return packing_mode(unwrap_model(model).config, position_ids.shape[-1]) == "document_mask"
 
 
 def _is_compiled(model: torch.nn.Module) -> bool:
@@ -292,14 +292,6 @@ def _is_compiled(model: torch.nn.Module) -> bool:
         if not isinstance(inner, torch.nn.Module):
             return False
         model = inner
-
-
-def _segment_safe(config: Any, seq_len: int) -> bool:
-    # A sliding window at least as long as the row never cuts a document: the mask is plain document-causal.
-    if getattr(config, "attention_chunk_size", None):  # Llama 4's chunked attention: another mask pattern
-        return False
-    window = getattr(config, "sliding_window", None)
-    return window is None or not getattr(config, "use_sliding_window", True) or window >= seq_len
 
 
 def _wrap_sdpa(original: Callable) -> Callable:
@@ -355,9 +347,9 @@ def forward_packed(
     """Logits [B, T, V] of a packed batch, each document computed as it would be alone. No loss is computed here.
 
     How depends on the family's layers (`midtrain.model.families.packing_mode`): full-attention layers share one
-    block-diagonal causal mask (midtrain's, with per-document SDPA on CPU); windowed or chunked layers get
-    transformers' own per-layer-type masks, which it builds from the restarting position ids when no mask is given;
-    layers with a recurrent or convolution state run every document alone (`per_document_plan`).
+    block-diagonal causal mask (midtrain's, with per-document SDPA on CPU); windowed or chunked layers get a mask
+    per layer type (`layer_type_masks`: the document mask and-ed with the window or chunk); layers with a recurrent
+    or convolution state run every document alone (`per_document_plan`).
 
     With `loss_chunk_tokens`, the head's inputs instead (`HeadInputs`: final hidden states and head weight), for
     `token_loss_sums` to apply the head that many rows at a time; ValueError for a head it cannot reproduce.

@@ -106,7 +106,7 @@ def _start_weights(ctx: RunContext, stage: StagePlan, seed: int):
                                eos_token_id=ctx.tokenizer.eos_token_id, pad_token_id=ctx.tokenizer.pad_token_id)
         return build_model(config, seed=seed)
     if stage.init == "scratch":
-        return build_model(load_model(base.name, allow_hub=base.allow_hub, trust_remote_code=trust).config, seed)
+        return build_model(base_config(ctx.recipe, ctx.tokenizer), seed)  # the config only: no weights to read
     return load_model(base.name, allow_hub=base.allow_hub, trust_remote_code=trust)
 
 
