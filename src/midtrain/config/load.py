@@ -6,7 +6,9 @@ indices are shown by name (`stages.anneal.batch.tokens`), because that is how us
 
 from __future__ import annotations
 
+import glob
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -360,7 +362,12 @@ def _path_problems(recipe: Recipe) -> list[tuple[Loc, str]]:
 
 
 def _missing_path(index: int, path: Path) -> list[tuple[Loc, str]]:
-    return [] if path.exists() else [(("sources", index, "path"), f"{path} does not exist")]
+    if path.exists():
+        return []
+    if re.search(r"[*?[]", str(path)):  # a glob of shards (pre-tokenized sources): it must match something
+        return [] if any(True for _ in glob.iglob(str(path), recursive=True)) else \
+            [(("sources", index, "path"), f"{path} matches no files")]
+    return [(("sources", index, "path"), f"{path} does not exist")]
 
 
 def _raw_problems(data: Any, root: Path, check_paths: bool) -> list[tuple[Loc, str]]:

@@ -19,6 +19,7 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -93,6 +94,30 @@ class Source(_Strict):
     template: Literal["auto", "chat", "simple"] = "auto"
     max_epochs: float | None = Field(None, gt=0)  # epoch cap: plan/inspect warn when a stage needs more
     decontaminate: bool = True  # apply the recipe's `decontaminate` block to this source (when there is one)
+    # Pre-tokenized corpora read in place (docs/DATA.md "Pre-tokenized corpora"): auto = detected from the files.
+    format: Literal["auto", "text", "datatrove", "megatron", "numpy", "hf_dataset"] = "auto"
+    eos_token_id: int | None = Field(None, ge=0)  # the id ending documents in token files (default: tokenizer's eos)
+    dtype: Literal["uint16", "uint32", "int32", "int64"] | None = None  # raw numpy/.bin token files (default: by vocab)
+
+    @model_validator(mode="after")
+    def _pretokenized_fields(self) -> Source:
+        if self.type == "instruction" and self.format not in ("auto", "text"):
+            raise ValueError(f"format {self.format!r}: token files cannot be an instruction source (use type: text)")
+        if self.format == "text" and (self.eos_token_id is not None or self.dtype is not None):
+            raise ValueError("eos_token_id and dtype describe token files; a format: text source has none")
+        if self.dtype is not None and self.format not in ("auto", "numpy", "datatrove"):
+            raise ValueError(f"dtype is for raw numpy token files (format {self.format!r} records its own)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_token_fields(self, handler):
+        # left out at their defaults so recipes without them keep their plan fingerprints (plan.py hashes the dump)
+        out = handler(self)
+        if isinstance(out, dict):
+            for key, default in (("format", "auto"), ("eos_token_id", None), ("dtype", None)):
+                if key in out and out[key] == default:
+                    del out[key]
+        return out
 
     @field_validator("domain")
     @classmethod

@@ -22,6 +22,11 @@ Segment = tuple[int, int, int]  # (source index, start in the source's flat toke
 PAD = -1  # source index of padding segments (split_documents=False): token 0, no loss, source id -1
 
 
+def _plain(tokens):
+    """A memmap as a plain ndarray view; anything else (a pretokenized.TokenView) as it is."""
+    return np.asarray(tokens) if isinstance(tokens, np.ndarray) else tokens
+
+
 def _name_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
 
@@ -194,11 +199,12 @@ class PackedLoader:
         self._bucket_segs: list[list[list[int]]] = []  # source -> bucket -> its segment indices
         self._positions: dict[tuple[int, int, int], np.ndarray] = {}  # (source, epoch, segment) -> positions
         self._refine()
-        # Plain numpy views: memmap slicing through the subclass costs more than the copy itself.
-        self._tokens = [np.asarray(s.tokens) for s in sources]
+        # Plain numpy views: memmap slicing through the subclass costs more than the copy itself. Pre-tokenized
+        # sources over many shards keep their TokenView (slicing within a document; asarray would read it all).
+        self._tokens = [_plain(s.tokens) for s in sources]
         self._offsets = [np.asarray(s.offsets, dtype=np.int64) for s in sources]
         # Instruction sources carry a loss mask (1 = response token); plain text sources train on every token.
-        self._masks = [None if s.mask is None else np.asarray(s.mask) for s in sources]
+        self._masks = [None if s.mask is None else _plain(s.mask) for s in sources]
         self._any_mask = any(m is not None for m in self._masks)
 
     # ---- document order ------------------------------------------------------------------------------------

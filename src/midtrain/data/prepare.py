@@ -20,6 +20,8 @@ from midtrain.data.decontam import Decontaminator
 from midtrain.data.errors import DataError
 from midtrain.data.instruct import InstructionFormat, add_special_tokens
 from midtrain.data.mixture import bucket_of, source_buckets
+from midtrain.data.pretokenized import open_pretokenized
+from midtrain.data.token_files import is_pretokenized
 from midtrain.data.tokenize import TokenizedSource, default_cache_dir, tokenize_source
 from midtrain.io import write_json_atomic
 from midtrain.layout import RunLayout
@@ -41,7 +43,7 @@ def curated_sources(recipe: Recipe) -> list[str]:
     c = recipe.curation
     if c is None:
         return []
-    text = [s.name for s in recipe.sources if s.type == "text"]
+    text = [s.name for s in recipe.sources if s.type == "text" and not is_pretokenized(s)]  # token files: as they are
     return [n for n in (c.sources or text) if n in text]
 
 
@@ -80,6 +82,14 @@ def tokenize_recipe_sources(recipe: Recipe, tokenizer, *, cache_dir: Path | None
     out: list[TokenizedSource] = []
     read_from: dict[str, str] = {}  # what this run read (a shared cache records whoever filled it first)
     for s in recipe.sources:
+        if is_pretokenized(s):  # read in place by memory map (data/pretokenized.py), never copied into the cache
+            read_from[s.name] = str(s.path)
+            out.append(open_pretokenized(s, tokenizer, cache_dir=cache))
+            if out[-1].skips.total:
+                log.warning("source %r: %s", s.name, out[-1].skips)
+            if on_source is not None:
+                on_source(out[-1])
+            continue
         instruction = None
         if s.type == "instruction":
             instruction = InstructionFormat(s.prompt_field, s.response_field, s.messages_field, s.template)

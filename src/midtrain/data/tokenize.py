@@ -154,7 +154,9 @@ class TokenizedSource:
     name: str
     fingerprint: str
     directory: Path
-    tokens: np.ndarray  # flat training tokens (memory-mapped)
+    # flat training tokens (memory-mapped); for a pre-tokenized source over many shards a pretokenized.TokenView
+    # (len() and [a:b] within a document, never materialized)
+    tokens: np.ndarray
     offsets: np.ndarray  # int64, n_docs + 1
     holdout_tokens: np.ndarray
     holdout_offsets: np.ndarray

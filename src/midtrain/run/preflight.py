@@ -16,12 +16,15 @@ import torch
 
 from midtrain.config import Recipe
 from midtrain.context import stage_rope_issues
+from midtrain.data.pretokenized import pretokenized_problems
 from midtrain.model.convert import recipe_conversion_problems
 from midtrain.model.families import choose_attention, model_class, unknown_layer_types
 from midtrain.model.verify import CheckpointFileError, check_loadable, refuse_remote_code
 from midtrain.plan import Plan
 from midtrain.run.context import RunError, RunOptions
 from midtrain.run.setup import base_config, resolve_tokenizer
+
+RECIPE_CHECK_SHARDS = 32  # shards per pre-tokenized source that `recipe check` reads a sample of
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ def preflight(recipe: Recipe, plan: Plan, *, world_size: int = 1, device: torch.
         report.problems += found
         return report
     report.problems += family_problems(recipe, config, report.tokenizer)
+    report.problems += token_file_problems(recipe.sources, report.tokenizer)
     report.warnings += family_warnings(config)
     errors, warnings = rope_problems(recipe, config)
     report.problems += errors + conversion_problems(recipe, config)
@@ -130,6 +134,13 @@ def family_problems(recipe: Recipe, config, tokenizer) -> list[Problem]:
                                         f"(vocab_size in {recipe.base}/config.json): ids past {vocab - 1} have no "
                                         "embedding; use the base's own tokenizer"))
     return out
+
+
+def token_file_problems(sources, tokenizer) -> list[Problem]:
+    """Pre-tokenized sources whose files do not fit the tokenizer (dtype, ids, EOS) or cannot be read, one line per
+    file; up to RECIPE_CHECK_SHARDS shards per source are sampled here, the rest when the run opens them."""
+    return [Problem(f"sources.{source.name}.path", line) for source in sources
+            for line in pretokenized_problems(source, tokenizer, max_shards=RECIPE_CHECK_SHARDS)]
 
 
 def family_warnings(config) -> list[str]:
