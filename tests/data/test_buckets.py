@@ -55,7 +55,10 @@ def _documents(stream: np.ndarray) -> list[tuple[int, int]]:
     bounds = list(starts) + [len(stream)]
     for s, e in zip(bounds, bounds[1:]):
         head = bytes(stream[s + 1 : s + 12].astype(np.uint8).tolist()).decode("latin-1")
-        out.append((int(re.match(r"#(\d+)#", head).group(1)), int(e - s)))
+        found = re.match(r"#(\d+)#", head)
+        if found is None and e == len(stream):
+            break  # the stream ends inside the document's id
+        out.append((int(found.group(1)), int(e - s)))
     return out
 
 

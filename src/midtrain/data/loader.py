@@ -15,9 +15,14 @@ import numpy as np
 import torch
 
 from midtrain.data.mixture import Bucket, DeficitSampler
+from midtrain.data.order import DocumentOrder, ShuffledTail, order_key
 from midtrain.data.tokenize import TokenizedSource
 
 STATE_VERSION = 1
+# Document orders: 1 = seeded bijections (data/order.py: no per-document memory); 0 = a stored numpy permutation per
+# epoch, what cursors saved before order 1 existed were positions in (they keep reading it, so resume stays exact).
+ORDER = 1
+SCAN = 1 << 16  # documents per step when scanning lengths (bounded memory whatever the corpus size)
 Segment = tuple[int, int, int]  # (source index, start in the source's flat tokens, length)
 PAD = -1  # source index of padding segments (split_documents=False): token 0, no loss, source id -1
 
@@ -55,21 +60,24 @@ class _Cursor:
 
     seed: int  # permutation seed; carried across stages so a cursor keeps meaning the same document
     segments: list[_Segment] = field(default_factory=lambda: [_Segment(0, None)])
+    order: int = ORDER  # which kind of document order the positions are in (see ORDER)
 
     def to_dict(self) -> dict:
         if len(self.segments) == 1:
             g = self.segments[0]
-            return {"seed": self.seed, "epoch": g.epoch, "cursor": g.pos, "offset": g.offset}
+            return {"seed": self.seed, "order": self.order, "epoch": g.epoch, "cursor": g.pos, "offset": g.offset}
         # The legacy fields give the frontier before which every document is consumed (what readers of plain
         # cursors, e.g. the document ledger, can use); `segments` is the exact state.
         epoch, pos = min((g.epoch, g.pos) for g in self.segments)
-        return {"seed": self.seed, "epoch": epoch, "cursor": pos, "offset": 0,
+        return {"seed": self.seed, "order": self.order, "epoch": epoch, "cursor": pos, "offset": 0,
                 "segments": [[g.lo, g.hi, g.epoch, g.pos, g.offset] for g in self.segments]}
 
     @classmethod
     def from_dict(cls, d: dict) -> _Cursor:
+        order = int(d.get("order", 0))  # saved before orders had versions: the stored permutation
         if "segments" not in d:
-            return cls(int(d["seed"]), [_Segment(0, None, int(d["epoch"]), int(d["cursor"]), int(d["offset"]))])
+            return cls(int(d["seed"]), [_Segment(0, None, int(d["epoch"]), int(d["cursor"]), int(d["offset"]))],
+                       order)
         segs = [_Segment(int(lo), None if hi is None else int(hi), int(e), int(p), int(o))
                 for lo, hi, e, p, o in d["segments"]]
         merged = [segs[0]]
@@ -79,7 +87,7 @@ class _Cursor:
                 m.hi = g.hi
             else:
                 merged.append(g)
-        return cls(int(d["seed"]), merged)
+        return cls(int(d["seed"]), merged, order)
 
 
 @dataclass(frozen=True)
@@ -189,45 +197,57 @@ class PackedLoader:
         self._cursors = [_Cursor(seed=seed) for _ in sources]
         # (source, segment, bucket) whose current document spills over into the next row
         self._active: tuple[int, int, int] | None = None
-        self._perms: dict[int, dict[tuple[int, int], np.ndarray]] = {}  # source -> {(seed, epoch): permutation}
+        self._orders: dict[int, dict[tuple[int, int, int], object]] = {}  # source -> {(seed, order, epoch): order}
         if length_buckets is not None and len(length_buckets) != len(sources):
             raise ValueError(f"{len(length_buckets)} length-bucket lists for {len(sources)} sources")
         self.length_buckets = list(length_buckets) if length_buckets is not None else [None] * len(sources)
-        self._lengths = [np.diff(np.asarray(s.offsets, dtype=np.int64)) for s in sources]
+        # Offsets stay as they are (memory-mapped caches): nothing here is allocated per document.
+        self._offsets = [np.asarray(s.offsets, dtype=np.int64) for s in sources]
         self._bucket_samplers = [None if b is None else DeficitSampler([w for _, _, w in b])
                                  for b in self.length_buckets]
         self._bucket_segs: list[list[list[int]]] = []  # source -> bucket -> its segment indices
-        self._positions: dict[tuple[int, int, int], np.ndarray] = {}  # (source, epoch, segment) -> positions
+        # (source, epoch, segment, chunk) -> positions in that chunk of the order whose length is in the segment
+        self._hits: dict[tuple[int, int, int, int], np.ndarray] = {}
+        self._occupied: dict[tuple[int, int, int | None], bool] = {}  # (source, lo, hi) -> any document that long
         self._refine()
         # Plain numpy views: memmap slicing through the subclass costs more than the copy itself. Pre-tokenized
         # sources over many shards keep their TokenView (slicing within a document; asarray would read it all).
         self._tokens = [_plain(s.tokens) for s in sources]
-        self._offsets = [np.asarray(s.offsets, dtype=np.int64) for s in sources]
         # Instruction sources carry a loss mask (1 = response token); plain text sources train on every token.
         self._masks = [None if s.mask is None else _plain(s.mask) for s in sources]
         self._any_mask = any(m is not None for m in self._masks)
 
     # ---- document order ------------------------------------------------------------------------------------
 
-    def permutation(self, source: int, epoch: int) -> np.ndarray:
-        """Document order of `source` in `epoch`, seeded by (seed, source name, epoch): independent of the mixture."""
+    def permutation(self, source: int, epoch: int):
+        """Document order of `source` in `epoch`, seeded by (seed, source name, epoch): independent of the mixture.
+        Indexable by position (int, slice or array) with `len()`; `np.asarray` gives the whole order (small
+        sources only)."""
         c = self._cursors[source]
-        cache = self._perms.setdefault(source, {})
-        perm = cache.get((c.seed, epoch))
-        if perm is None:
-            rng = np.random.default_rng([c.seed & (2**63 - 1), _name_key(self.sources[source].name), epoch])
-            perm = rng.permutation(self.sources[source].n_docs)
+        cache = self._orders.setdefault(source, {})
+        order = cache.get((c.seed, c.order, epoch))
+        if order is None:
+            name, n = self.sources[source].name, self.sources[source].n_docs
+            if c.order == 0:
+                rng = np.random.default_rng([c.seed & (2**63 - 1), _name_key(name), epoch])
+                order = rng.permutation(n)
+            else:
+                order = DocumentOrder(n, order_key(c.seed, name, epoch))
             if len(cache) >= 4:  # segments of one source may stand in different epochs: keep a few
                 cache.pop(next(iter(cache)))
-            cache[(c.seed, epoch)] = perm
-        return perm
+            cache[(c.seed, c.order, epoch)] = order
+        return order
+
+    def _doc_length(self, s: int, doc) -> np.ndarray | int:
+        o = self._offsets[s]
+        return o[doc + 1] - o[doc]
 
     # ---- length buckets ------------------------------------------------------------------------------------
 
     def _refine(self) -> None:
         """Split segments at this loader's bucket bounds; map each bucket to its segments; check every bucket with a
         share has documents."""
-        self._bucket_segs, self._positions = [], {}
+        self._bucket_segs, self._hits = [], {}
         for s, buckets in enumerate(self.length_buckets):
             c = self._cursors[s]
             for lo, hi, _ in buckets or []:
@@ -241,13 +261,25 @@ class PackedLoader:
                                                                                           and g.hi <= hi))]
                       for lo, hi, _ in buckets]
             self._bucket_segs.append(groups)
-            lengths = self._lengths[s]
             for lo, hi, share in buckets:
-                inside = (lengths >= lo) & ((lengths < hi) if hi is not None else True)
-                if share > 0 and not inside.any():
+                if share > 0 and not self._has_documents(s, lo, hi):
+                    lengths = np.diff(self._offsets[s])  # only to word the error
                     raise ValueError(f"source {self.sources[s].name!r}: no document of {lo} <= tokens < "
                                      f"{hi if hi is not None else 'inf'} for a length bucket with share {share:g} "
                                      f"(documents have {int(lengths.min())}..{int(lengths.max())} tokens)")
+
+    def _has_documents(self, s: int, lo: int, hi: int | None) -> bool:
+        """Whether source `s` has a document of lo <= length < hi: a scan in steps of SCAN, stopping at the first."""
+        key = (s, lo, hi)
+        if key not in self._occupied:
+            o, found = self._offsets[s], False
+            for a in range(0, len(o) - 1, SCAN):
+                lengths = np.diff(o[a : a + SCAN + 1])
+                if np.any((lengths >= lo) & ((lengths < hi) if hi is not None else True)):
+                    found = True
+                    break
+            self._occupied[key] = found
+        return self._occupied[key]
 
     def _split(self, s: int, at: int) -> None:
         segs = self._cursors[s].segments
@@ -257,22 +289,35 @@ class PackedLoader:
                 g.hi = at
                 if g.offset:  # the partly emitted document stays with the part that holds its length
                     doc = int(self.permutation(s, g.epoch)[g.pos])
-                    if right.contains(int(self._lengths[s][doc])):
+                    if right.contains(int(self._doc_length(s, doc))):
                         right.offset, g.offset = g.offset, 0
                 segs.insert(k + 1, right)
                 return
 
-    def _segment_positions(self, s: int, epoch: int, k: int) -> np.ndarray:
-        key = (s, epoch, k)
-        pos = self._positions.get(key)
-        if pos is None:
-            g = self._cursors[s].segments[k]
-            lengths = self._lengths[s][self.permutation(s, epoch)]
-            pos = np.flatnonzero((lengths >= g.lo) & ((lengths < g.hi) if g.hi is not None else True))
-            if len(self._positions) >= 64:
-                self._positions.clear()
-            self._positions[key] = pos
-        return pos
+    def _next_position(self, s: int, epoch: int, k: int, start: int) -> int | None:
+        """The first position >= `start` in `epoch`'s order whose document belongs to segment `k` (None: no more
+        this epoch). The order is scanned a chunk at a time and each chunk's hits are kept, so reading a segment
+        through a whole epoch costs one pass over the order, in bounded memory."""
+        g = self._cursors[s].segments[k]
+        if not self._has_documents(s, g.lo, g.hi):
+            return None
+        order, n = self.permutation(s, epoch), self.sources[s].n_docs
+        c = start // SCAN
+        while c * SCAN < n:
+            key = (s, epoch, k, c)
+            hits = self._hits.get(key)
+            if hits is None:
+                lo = c * SCAN
+                lengths = self._doc_length(s, np.asarray(order[lo : min(n, lo + SCAN)], dtype=np.int64))
+                hits = lo + np.flatnonzero((lengths >= g.lo) & ((lengths < g.hi) if g.hi is not None else True))
+                if len(self._hits) >= 64:
+                    self._hits.clear()
+                self._hits[key] = hits
+            i = int(np.searchsorted(hits, start))
+            if i < len(hits):
+                return int(hits[i])
+            c += 1
+        return None
 
     def _next_document(self, s: int, b: int) -> int:
         """The segment of bucket `b` of source `s` that serves next (its `pos` set to the document): a partly
@@ -287,15 +332,14 @@ class PackedLoader:
         best: tuple[int, int, int] | None = None
         for k in group:
             g = segs[k]
-            pos = self._segment_positions(s, g.epoch, k)
-            if not len(pos):
-                continue  # no document of this length range
-            i = int(np.searchsorted(pos, g.pos))
-            if i == len(pos):
+            p = self._next_position(s, g.epoch, k, g.pos)
+            if p is None:
+                if not self._has_documents(s, g.lo, g.hi):
+                    continue  # no document of this length range
                 g.epoch, g.pos = g.epoch + 1, 0
-                i, pos = 0, self._segment_positions(s, g.epoch, k)
-            if best is None or (g.epoch, int(pos[i])) < best[:2]:
-                best = (g.epoch, int(pos[i]), k)
+                p = self._next_position(s, g.epoch, k, 0)
+            if best is None or (g.epoch, p) < best[:2]:
+                best = (g.epoch, p, k)
         assert best is not None, "checked in _refine: every bucket with a share has documents"
         segs[best[2]].pos = best[1]
         return best[2]
@@ -402,7 +446,7 @@ class PackedLoader:
             if d["fingerprint"] != s.fingerprint:
                 raise ValueError(changed_source_message(s, d))
             self._cursors[i] = _Cursor.from_dict(d)
-        self._perms.clear()
+        self._orders.clear()
         self._refine()
         self._active = None
 
@@ -462,21 +506,25 @@ class BranchLoader(PackedLoader):
     def __init__(self, sources, weights, *, branch_seed: int, starts: dict[str, tuple[int, int]], **kwargs):
         super().__init__(sources, weights, **kwargs)
         self.branch_seed, self.starts = branch_seed, starts
-        self._branch_perms: dict[int, tuple[tuple, np.ndarray]] = {}
+        self._branch_orders: dict[int, tuple[tuple, object]] = {}
 
-    def permutation(self, source: int, epoch: int) -> np.ndarray:
+    def permutation(self, source: int, epoch: int):
         base = super().permutation(source, epoch)
         name = self.sources[source].name
         first_epoch, first_pos = self.starts.get(name, (0, 0))
         if epoch < first_epoch:
             return base
-        key = (self._cursors[source].seed, epoch)
-        cached = self._branch_perms.get(source)
+        c = self._cursors[source]
+        key = (c.seed, c.order, epoch)
+        cached = self._branch_orders.get(source)
         if cached is None or cached[0] != key:
             lo = first_pos if epoch == first_epoch else 0
-            rng = np.random.default_rng([self.branch_seed, zlib.crc32(name.encode()), epoch])
-            order = base.copy()
-            order[lo:] = base[lo:][rng.permutation(len(base) - lo)]
+            if c.order == 0:  # cursors saved before orders had versions: the stored shuffle they were read in
+                rng = np.random.default_rng([self.branch_seed, zlib.crc32(name.encode()), epoch])
+                order = base.copy()
+                order[lo:] = base[lo:][rng.permutation(len(base) - lo)]
+            else:
+                order = ShuffledTail(base, lo, order_key("branch", self.branch_seed, name, epoch))
             cached = (key, order)
-            self._branch_perms[source] = cached
+            self._branch_orders[source] = cached
         return cached[1]
