@@ -249,3 +249,23 @@ def test_unsplit_documents_stay_whole_and_padding_carries_no_loss(sources):
     resumed = make(sources, split_documents=False)
     resumed.load_state_dict(json.loads(json.dumps(straight.state_dict())))
     assert_same(run(resumed, 3), run(straight, 3))
+
+
+def test_cursors_saved_before_orders_had_versions_keep_reading_numpy_permutation(sources):
+    """Old checkpoints hold positions in `Generator.permutation` order (no "order" key): they resume in that order,
+    recomputed here from its documented seeding, so an upgrade neither repeats nor skips documents."""
+    import hashlib
+
+    src = sources[0]
+    saved = PackedLoader([src], [1.0], seq_len=SEQ, global_batch_seqs=ROWS, seed=7).state_dict()
+    cursor = saved["sources"][src.name]
+    assert cursor.pop("order") == 1
+    cursor["cursor"] = 5
+    loader = PackedLoader([src], [1.0], seq_len=SEQ, global_batch_seqs=ROWS, seed=7)
+    loader.load_state_dict(json.loads(json.dumps(saved)))
+    key = int.from_bytes(hashlib.sha256(src.name.encode()).digest()[:8], "big")
+    legacy = np.random.default_rng([7, key, 0]).permutation(src.n_docs)
+    stream = source_streams(run(loader, 2), 1)[0]
+    want = np.concatenate([src.doc(int(d)) for d in legacy[5:]])[: len(stream)]
+    assert np.array_equal(stream, want.astype(np.int64))
+    assert loader.state_dict()["sources"][src.name]["order"] == 0  # and it keeps saying so
