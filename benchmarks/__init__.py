@@ -14,4 +14,5 @@ SUITES = (
     "benchmarks.integrity",
     "benchmarks.threads",
     "benchmarks.families",
+    "benchmarks.scale",
 )

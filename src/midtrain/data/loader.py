@@ -151,7 +151,8 @@ class PackedLoader:
     position ids restarting at 0). With `split_documents=False` a document that fits in a row is never cut: when it
     does not fit in what is left of the current row, the rest of the row is padding (source -1, no loss) and the
     document opens the next row — what tasks whose answer depends on the whole document (retrieval) need. Rank r
-    gets rows [r*n/W, (r+1)*n/W) split into micro-batches.
+    gets rows [r*n/W, (r+1)*n/W) split into micro-batches. `order` 0 stores a permutation per epoch (what cursors
+    saved before seeded bijections read; benchmarks/scale.py compares the two).
     """
 
     def __init__(
@@ -167,6 +168,7 @@ class PackedLoader:
         micro_batch: int | None = None,
         split_documents: bool = True,
         length_buckets: list[list[Bucket] | None] | None = None,
+        order: int = ORDER,
     ):
         if not sources:
             raise ValueError("PackedLoader needs at least one source")
@@ -194,7 +196,9 @@ class PackedLoader:
         self.split_documents = split_documents
         self.sampler = DeficitSampler(weights)
         self.steps = 0
-        self._cursors = [_Cursor(seed=seed) for _ in sources]
+        if order not in (0, 1):
+            raise ValueError(f"order={order}: 1 (seeded bijections) or 0 (stored permutations, as before)")
+        self._cursors = [_Cursor(seed=seed, order=order) for _ in sources]
         # (source, segment, bucket) whose current document spills over into the next row
         self._active: tuple[int, int, int] | None = None
         self._orders: dict[int, dict[tuple[int, int, int], object]] = {}  # source -> {(seed, order, epoch): order}

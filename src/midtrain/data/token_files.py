@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import mmap
 import re
 import struct
 from collections.abc import Callable
@@ -56,9 +57,11 @@ class Shard:
         return self.read_bounds()
 
 
-def memmap(path: Path, dtype, offset: int = 0, count: int | None = None) -> np.ndarray:
+def memmap(path: Path, dtype, offset: int = 0, count: int | None = None, *, random: bool = False) -> np.ndarray:
     """`count` items of `dtype` from byte `offset` of `path` (all that follow when None), read-only, as a plain
-    ndarray view of the map (slicing the memmap subclass costs more than the copy)."""
+    ndarray over the map (slicing the memmap subclass costs more than the copy). `random`: documents are read in
+    shuffled order, so the kernel is told not to read ahead (its readahead would page in megabytes around every
+    document of a few kilobytes: I/O on a shared filesystem, resident pages in every rank)."""
     dtype = np.dtype(dtype)
     size = path.stat().st_size - offset
     if size % dtype.itemsize and count is None:
@@ -66,7 +69,11 @@ def memmap(path: Path, dtype, offset: int = 0, count: int | None = None) -> np.n
     n = size // dtype.itemsize if count is None else count
     if n == 0:
         return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n,)).view(np.ndarray)
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    if random and hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype, count=n, offset=offset)
 
 
 def spans_from_ends(ends: np.ndarray) -> Bounds:
@@ -103,7 +110,7 @@ def datatrove_shard(ds: Path, root: Path, default_dtype: np.dtype) -> Shard:
         token_size = ds.stat().st_size // int(last[0]) if len(last) and last[0] > 0 else default_dtype.itemsize
     if token_size not in (2, 4):
         raise DataError(f"{ds}: token size {token_size} bytes (datatrove writes 2 or 4)")
-    tokens = memmap(ds, np.uint16 if token_size == 2 else np.uint32)
+    tokens = memmap(ds, np.uint16 if token_size == 2 else np.uint32, random=True)
     mask = None
     if loss.is_file():
         mask = memmap(loss, np.uint8)
@@ -136,7 +143,7 @@ def megatron_shard(prefix: Path, root: Path) -> Shard:
     dtype = np.dtype(MEGATRON_DTYPES[code])
     if idx.stat().st_size < 34 + n_seq * 12 + n_doc * 8:
         raise DataError(f"{idx}: truncated ({idx.stat().st_size} bytes for {n_seq} sequences, {n_doc} documents)")
-    tokens = memmap(bin_, dtype)
+    tokens = memmap(bin_, dtype, random=True)
 
     def bounds() -> Bounds:
         lengths = memmap(idx, np.int32, 34, n_seq).astype(np.int64)
@@ -161,15 +168,26 @@ def numpy_shard(file: Path, root: Path, dtype: np.dtype) -> Shard:
         magic = f.read(6)
     if magic == NPY_MAGIC:
         try:
-            tokens = np.load(file, mmap_mode="r")
+            with open(file, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, header_dtype = _npy_header(f, version)
+                start = f.tell()
         except ValueError as e:
             raise DataError(f"{file}: unreadable .npy ({e})") from None
-        if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
-            raise DataError(f"{file}: expected a 1-D integer token array, got {tokens.ndim}-D {tokens.dtype}")
-        tokens = tokens.view(np.ndarray) if len(tokens) else np.zeros(0, tokens.dtype)
+        if len(shape) != 1 or header_dtype.kind not in "ui":
+            raise DataError(f"{file}: expected a 1-D integer token array, got {len(shape)}-D {header_dtype}")
+        tokens = memmap(file, header_dtype, start, shape[0], random=True)
     else:  # dolma/OLMo write raw memmaps (no header), whatever the suffix
-        tokens = memmap(file, dtype)
+        tokens = memmap(file, dtype, random=True)
     return Shard(relative_name(file, root), file, tokens)
+
+
+def _npy_header(f, version: tuple[int, int]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"npy format version {version}")
 
 
 def hf_shards(path: Path) -> list[Shard]:

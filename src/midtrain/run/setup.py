@@ -68,7 +68,10 @@ def tokenize_all(recipe: Recipe, tokenizer, dist: DistInfo, report_dir: Path, lo
     def progress(name: str, documents: int, tokens: int) -> None:
         if log is not None:
             doing = "decontaminating and tokenizing" if name in decontaminated else "tokenizing"
-            log(f"data: source {name!r}: {doing}... {documents:,} documents, {tokens:,} tokens so far")
+            # the other ranks hold their devices idle at the barrier meanwhile: say so, and how to avoid it
+            waiting = (f" (ranks 1-{dist.world_size - 1} wait for it; `midtrain data tokenize RECIPE` does this "
+                       "ahead of the job)") if dist.world_size > 1 else ""
+            log(f"data: source {name!r}: {doing}... {documents:,} documents, {tokens:,} tokens so far{waiting}")
 
     sources = tokenize_every_source(report_dir, ready, progress) if dist.is_main else None
     barrier()
