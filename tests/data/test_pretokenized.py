@@ -107,6 +107,30 @@ def test_source_sees_exactly_the_documents_the_producer_wrote(corpora, tok, tmp_
     assert int(batch["input_ids"].max()) < len(tok)
 
 
+@pytest.mark.parametrize("fmt", ["datatrove", "megatron", "numpy", "hf_dataset"])
+def test_loader_reads_every_training_document_once_per_epoch_and_resumes_exactly(corpora, tok, tmp_path, fmt):
+    src = open_pretokenized(Source(name="pre", path=corpora[fmt], holdout_docs=7), tok, cache_dir=tmp_path)
+    rows, seq = 4, 64
+    loader = PackedLoader([src], [1.0], seq_len=seq, global_batch_seqs=rows, seed=3)
+    steps = -(-src.n_tokens // (rows * seq))
+    stream = np.concatenate([mb["input_ids"].numpy().ravel() for _ in range(steps) for mb in loader.next_step()])
+    ends = np.flatnonzero(stream[: src.n_tokens] == tok.eos_token_id) + 1  # every document ends with its EOS
+    epoch = [d.tolist() for d in np.split(stream[: src.n_tokens], ends[:-1])]
+    held = {tuple(d.tolist()) for d in src.holdout_docs()}
+    assert sorted(epoch) == sorted(d for d in _reference(tok, TEXTS) if tuple(d) not in held)
+
+    kwargs = dict(seq_len=seq, global_batch_seqs=rows, seed=3, length_buckets=[[(0, 30, 0.5), (30, None, 0.5)]])
+    reference = PackedLoader([src], [1.0], **kwargs)
+    straight = [mb for _ in range(12) for mb in reference.next_step()]
+    first = PackedLoader([src], [1.0], **kwargs)
+    head = [mb for _ in range(5) for mb in first.next_step()]
+    resumed = PackedLoader([src], [1.0], **kwargs)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    tail = [mb for _ in range(7) for mb in resumed.next_step()]
+    for x, y in zip(head + tail, straight, strict=True):
+        assert all(np.array_equal(x[k].numpy(), y[k].numpy()) for k in x)
+
+
 def test_glob_path_reads_the_matching_shards_in_name_order(corpora, tok, tmp_path):
     config = Source(name="pre", path=f"{corpora['datatrove']}/*.ds", holdout_docs=0)
     src = open_pretokenized(config, tok, cache_dir=tmp_path)
