@@ -15,4 +15,5 @@ SUITES = (
     "benchmarks.threads",
     "benchmarks.families",
     "benchmarks.scale",
+    "benchmarks.harness",
 )

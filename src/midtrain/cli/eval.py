@@ -36,6 +36,12 @@ def eval_command(
     seq_len: Annotated[int, typer.Option(min=16, help="Row length for the held-out loss.")] = 1024,
     precision: Annotated[str, typer.Option(help="fp32 or bf16-mixed.")] = "fp32",
     out: Annotated[Optional[Path], typer.Option(help="Write the results JSON here (docs/CONTRACTS.md §4).")] = None,
+    harness_include: Annotated[Optional[list[Path]], typer.Option(
+        "--harness-include", help="A directory of lm-eval task YAMLs (local data files); repeatable.",
+        show_default=False)] = None,
+    harness_limit: Annotated[Optional[int], typer.Option(min=1, help="Examples per harness task (all if unset).")
+                             ] = None,
+    harness_batch_size: Annotated[int, typer.Option(min=1, help="Harness requests per forward.")] = 16,
     threads: ThreadsOpt = None,
 ) -> None:
     """Evaluate a checkpoint: held-out loss, perplexity vs length, passkey, NIAH, RULER-style, arithmetic."""
@@ -51,7 +57,9 @@ def eval_command(
         fail(f"--precision {precision!r}: expected fp32 or bf16-mixed", EXIT_RECIPE)
     try:
         spec = EvalSpec(tasks=tuple(_csv(tasks, str, "--tasks")), lengths=tuple(_csv(lengths, int, "--lengths")),
-                        samples=samples, depths=tuple(_csv(depths, float, "--depths")), haystack=haystack, seed=seed)
+                        samples=samples, depths=tuple(_csv(depths, float, "--depths")), haystack=haystack, seed=seed,
+                        harness_include=tuple(str(p.resolve()) for p in harness_include or []),
+                        harness_limit=harness_limit, harness_batch_size=harness_batch_size)
         if any(not 0 <= d <= 1 for d in spec.depths):
             raise ValueError(f"--depths {depths!r}: every depth must lie in [0, 1]")
         needs_lengths = [t for t in spec.tasks if t in LENGTH_TASKS]
@@ -65,6 +73,9 @@ def eval_command(
         fail(escape(str(exc)), EXIT_RECIPE)
     if not spec.tasks:
         fail("--tasks: no task to evaluate (e.g. --tasks passkey,niah --lengths 1024)", EXIT_RECIPE)
+    for path in harness_include or []:
+        if not path.is_dir():
+            fail(escape(f"--harness-include {path}: not a directory of task YAMLs"), EXIT_RECIPE)
     for path in data or []:  # at the edge: a missing file is one line, not a traceback around the reader's error
         if not path.exists():
             fail(escape(f"--data {path}: no such file or directory"), EXIT_RECIPE)
@@ -76,7 +87,8 @@ def eval_command(
     chosen = apply_threads(parse_threads(threads) or "auto")
     console.print(f"threads: {chosen.threads} ({chosen.why})", highlight=False)
     try:
-        result = _evaluate_checkpoint(checkpoint, spec, data or [], max_docs, seq_len, precision)
+        result = _evaluate_checkpoint(checkpoint, spec, data or [], max_docs, seq_len, precision,
+                                      out_dir=None if out is None else out.with_suffix(""))
     except (FileNotFoundError, RuntimeError, ValueError, DataError) as exc:
         fail(escape(str(exc)), EXIT_RUN)
     table = Table(title=f"{checkpoint}")
@@ -96,7 +108,7 @@ def eval_command(
 
 
 def _evaluate_checkpoint(checkpoint: Path, spec, data: list[Path], max_docs: int, seq_len: int,
-                         precision: str) -> dict:
+                         precision: str, out_dir: Path | None = None) -> dict:
     """Loads the checkpoint (and --data), runs the spec, returns the eval-results object."""
     import json
 
@@ -128,7 +140,8 @@ def _evaluate_checkpoint(checkpoint: Path, spec, data: list[Path], max_docs: int
         metrics = heldout_metrics(model, forward_packed, pack_documents(docs, seq_len), domains, device=device,
                                   precision=precision)
     more, details = evaluate(model, tokenizer, spec, documents=[d for d, _ in docs], checkpoint_dir=checkpoint,
-                             precision=precision, log=lambda msg: print(msg, flush=True))
+                             precision=precision, log=lambda msg: print(msg, flush=True),
+                             out_dir=out_dir)
     metrics.update(more)
     info_file = checkpoint / "midtrain.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}

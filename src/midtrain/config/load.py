@@ -313,6 +313,9 @@ def _resolve_paths(recipe: Recipe, root: Path) -> Recipe:
             update={"benchmarks": [resolve(p) for p in recipe.decontaminate.benchmarks]})
     if recipe.curation is not None and recipe.curation.output is not None:
         update["curation"] = recipe.curation.model_copy(update={"output": resolve(recipe.curation.output)})
+    update["stages"] = [stage.model_copy(update={"eval": stage.eval.model_copy(update={"harness": (
+        stage.eval.harness.model_copy(update={"include": [resolve(p) for p in stage.eval.harness.include]}))})})
+        for stage in recipe.stages]
     return recipe.model_copy(update=update)
 
 

