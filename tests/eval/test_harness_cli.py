@@ -105,3 +105,35 @@ def test_a_gate_on_a_harness_metric_that_did_not_run_fails_with_the_reason():
     why = "lm-evaluation-harness is not installed (pip install 'midtrain[lm-eval]'); harness tasks ['arc'] not run"
     [result] = evaluate_gate({"harness.arc.acc": ">= 0.3"}, {"loss": 2.0}, skipped={"harness": why})
     assert not result.passed and result.value is None and why in result.reason
+
+
+@pytest.mark.slow
+def test_a_stage_records_harness_metrics_before_and_after_and_the_report_shows_them(tmp_path, monkeypatch):
+    """Through `midtrain run`: the anneal stage's before- and after-evals hold lm-eval's metrics, a gate reads them,
+    and the report's before/after table lists them."""
+    import torch as _torch
+
+    from midtrain.config import load_recipe
+    from midtrain.report import write_report
+    from midtrain.run import RunOptions, run
+
+    from ..train.tiny import write_recipe
+
+    path = write_recipe(tmp_path, warm_tokens=2048, anneal_tokens=1024)
+    path.write_text(path.read_text().replace(
+        "eval: {max_docs: 4}",
+        "eval: {max_docs: 4, tasks: [loss, 'harness:midtrain_arith_mc'], harness: {limit: 12}}\n"
+        "    gate: {harness.midtrain_arith_mc.acc: '>= 0'}"))
+    monkeypatch.setenv("MIDTRAIN_CACHE", str(tmp_path / "cache"))
+    threads = _torch.get_num_threads()
+    try:
+        run(load_recipe(path, [f"run_dir={tmp_path / 'run'}"]), RunOptions(progress=False, threads=2))
+    finally:
+        _torch.set_num_threads(threads)
+    evals = tmp_path / "run" / "eval"
+    before, after = (json.loads((evals / name).read_text()) for name in ("anneal-before.json", "anneal.json"))
+    for record in (before, after):
+        assert 0 <= record["metrics"]["harness.midtrain_arith_mc.acc"] <= 1
+    assert after["gate"]["passed"] and after["gate"]["conditions"][0]["value"] is not None
+    report = write_report(tmp_path / "run").read_text()
+    assert "harness.midtrain_arith_mc.acc" in report
