@@ -33,20 +33,6 @@ JOBS = ("filter", "exact-signatures", "exact-find", "exact-filter", "minhash-sig
         "minhash-cluster", "minhash-filter", "finish")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def checked_ray_executor():
-    """Until curate.py builds CheckedRayPipelineExecutor itself, make its `from datatrove.executor import
-    RayPipelineExecutor` return it: with datatrove's own class a failed task hangs the next job forever.
-    (Module scope: the module-scoped runs below must see it too.)"""
-    import datatrove.executor
-
-    from midtrain.data.curate_ray import CheckedRayPipelineExecutor
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datatrove.executor, "RayPipelineExecutor", CheckedRayPipelineExecutor)
-        yield
-
-
 def _recipe(root: Path, executor: str, data: Path) -> Path:
     # minhash_buckets 2 (default 14): each bucket is a Ray task, and each Ray task costs a worker start (~2-3 s).
     recipe = root / f"{executor}.yaml"
@@ -127,8 +113,6 @@ def test_ray_curation_writes_exactly_the_local_output(both):
         assert len(list((work(both["ray"]) / "logs" / job / "completions").iterdir())) == tasks, job
 
 
-@pytest.mark.xfail(strict=True, reason="curate.summarise drops the Ray/Slurm stats format ({'total': N, 'unit': "
-                                       "'task'}); patch in the issue 20 note")
 def test_ray_curation_summary_matches_local(both):
     import json
 

@@ -9,8 +9,9 @@ each curated source the chain of datatrove jobs is (each job a separate executor
   finish   (1 task) summarise every job's stats.json into RUN/data/curation/<source>.json, write OUT/<source>/_SUCCESS
 
 Executors: datatrove's LocalPipelineExecutor by default; SlurmPipelineExecutor / RayPipelineExecutor when the recipe's
-`curation.executor` says so (docs/DATA.md shows a cluster run). Completed tasks are skipped on a re-run (datatrove's
-completion markers), so an interrupted curation resumes.
+`curation.executor` says so (docs/DATA.md shows a cluster run). On Slurm, `curate` submits the chain and waits for it
+(curate_slurm.py). Completed tasks are skipped on a re-run (datatrove's completion markers), so an interrupted
+curation resumes.
 
 Offline: the word tokenizers of the Gopher filters and MinHash are spaCy's `blank` pipelines (no model download).
 The C4 bad-words list and fastText language ID download at run time and are therefore not offered here.
@@ -100,6 +101,8 @@ def summarise(log_dirs: list[Path]) -> list[dict[str, Any]]:
             continue
         for step in json.loads(stats_file.read_text()):
             s = step.get("stats", {})
+            # Ray/Slurm merge per-task stats files, turning each counter into {"total": N, "unit": "task", ...}
+            s = {k: v["total"] if isinstance(v, dict) and v.get("unit") == "task" else v for k, v in s.items()}
             flat = {k: v for k, v in s.items() if isinstance(v, (int, float))}
             row: dict[str, Any] = {"job": log_dir.name, "step": step["name"]}
             if "total" in flat and ("forwarded" in flat or "dropped" in flat):
@@ -153,14 +156,16 @@ def _executor(cfg: CurationConfig, pipeline: list, *, tasks: int, logging_dir: P
         return LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(cfg.workers, tasks),
                                      logging_dir=str(logging_dir), depends=depends)
     if cfg.executor == "slurm":
-        from datatrove.executor import SlurmPipelineExecutor
+        from midtrain.data.curate_slurm import CheckedSlurmPipelineExecutor
 
-        opts = {"time": "12:00:00", "partition": "cpu", "cpus_per_task": 1, "mem_per_cpu_gb": 2, **cfg.slurm}
-        return SlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir),
-                                     job_name=f"midtrain-{name}", depends=depends, **opts)
-    from datatrove.executor import RayPipelineExecutor
+        # partition/qos None: the cluster's defaults (datatrove's "normal" qos does not exist on every cluster).
+        opts = {"time": "12:00:00", "partition": None, "qos": None, "cpus_per_task": 1, "mem_per_cpu_gb": 2,
+                **cfg.slurm}
+        return CheckedSlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir),
+                                            job_name=f"midtrain-{name}", depends=depends, **opts)
+    from midtrain.data.curate_ray import CheckedRayPipelineExecutor  # a failed task raises instead of hanging
 
-    return RayPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir), depends=depends)
+    return CheckedRayPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir), depends=depends)
 
 
 def build_jobs(cfg: CurationConfig, source: Source, *, work: Path, out: Path, summary: Path, seed: int,
@@ -225,8 +230,8 @@ def build_jobs(cfg: CurationConfig, source: Source, *, work: Path, out: Path, su
 
 
 def curate(recipe: Recipe, *, only: list[str] | None = None, fresh: bool = False) -> dict[str, Any]:
-    """Run (local) or submit (Slurm/Ray) the curation of every curated source; returns the local summaries, each with
-    `removal` (documents in, kept, removed per filter, `warning` above `curation.warn_removed`).
+    """Run (local) or submit and wait for (Slurm/Ray) the curation of every curated source; returns the summaries, each
+    with `removal` (documents in, kept, removed per filter, `warning` above `curation.warn_removed`).
 
     Run locally, the filter job runs first: a source the filters empty is an error naming it and its filters, not a
     crash of the next job on an empty directory (on Slurm/Ray the chain is submitted whole and checked by its logs).
@@ -255,6 +260,10 @@ def curate(recipe: Recipe, *, only: list[str] | None = None, fresh: bool = False
                                 f"documents ({describe_removal(removal)}); give it other filters "
                                 f"(curation.per_source: {{{name}: [...]}}, [] for none) or check its text field")
         jobs[-1].run()
+        if cfg.executor == "slurm":  # sbatch returned at once: wait for the chain, or report its failed task
+            from midtrain.data.curate_slurm import wait_for_chain
+
+            wait_for_chain(jobs, curated_dir(recipe) / name / "_SUCCESS")
         if not summary.is_file():
             results[name] = {"submitted": True}
             continue
