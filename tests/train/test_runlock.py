@@ -41,3 +41,21 @@ def test_half_written_lock_is_stale_but_another_hosts_lock_is_not(tmp_path):
     with pytest.raises(RunLockError, match="on elsewhere"):
         with RunLock(tmp_path):
             pass
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_earlier_lock_from_another_host(tmp_path, monkeypatch):
+    """After a SIGKILL the lock names the node the job ran on before the requeue; Slurm requeues only once every
+    process of the job is gone, so the same job id with a higher restart count may take it. Another job may not."""
+    earlier = {"pid": 4242, "host": "node-17", "started": 0, "slurm_job": "991", "slurm_restart": 0}
+    monkeypatch.setenv("SLURM_JOB_ID", "991")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    (tmp_path / LOCK_NAME).write_text(json.dumps(earlier))
+    with RunLock(tmp_path) as lock:
+        assert lock.took_over == earlier
+        mine = json.loads((tmp_path / LOCK_NAME).read_text())
+        assert mine["slurm_job"] == "991" and mine["slurm_restart"] == 1
+    for other in ({**earlier, "slurm_restart": 1}, {**earlier, "slurm_job": "992"}, {**earlier, "slurm_job": None}):
+        (tmp_path / LOCK_NAME).write_text(json.dumps(other))  # the same incarnation, another job, or no job
+        with pytest.raises(RunLockError, match="in use by pid 4242 on node-17"):
+            with RunLock(tmp_path):
+                pass

@@ -1,7 +1,10 @@
 """One writer per run dir: a lock file with the owner's pid and host, created atomically (O_EXCL).
 
-A lock left by a process that no longer exists on this host is stale and taken over with a note; a lock held by a
-live process, or by another host (whose processes we cannot see), is a clear error saying how to proceed.
+A lock left by a process that no longer exists on this host is stale and taken over with a note; so is one left by
+an earlier incarnation of this same Slurm job (same SLURM_JOB_ID, lower SLURM_RESTART_COUNT: Slurm requeues a job
+only once all its processes are gone, possibly onto other nodes, so after a SIGKILL the lock names a host we cannot
+look into). A lock held by a live process, or by another host and another job, is a clear error saying how to
+proceed.
 """
 
 from __future__ import annotations
@@ -29,6 +32,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _slurm_job() -> dict:
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return {"slurm_job": job, "slurm_restart": int(restarts) if restarts.isdigit() else 0}
+
+
+def _earlier_incarnation(owner: dict, me: dict) -> bool:
+    """The owner is this Slurm job before a requeue (the job's processes are all gone by then)."""
+    return bool(me.get("slurm_job")) and owner.get("slurm_job") == me["slurm_job"] \
+        and isinstance(owner.get("slurm_restart"), int) and owner["slurm_restart"] < me["slurm_restart"]
+
+
 class RunLock:
     def __init__(self, run_dir: Path):
         self.path = RunLayout(run_dir).lock
@@ -36,13 +53,14 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), **_slurm_job()}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner is None or (owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1)))):
+                if owner is None or (owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1)))) \
+                        or _earlier_incarnation(owner, me):
                     self.took_over = owner or {}
                     self.path.unlink(missing_ok=True)
                     continue
