@@ -10,6 +10,7 @@ SUITES = (
     "benchmarks.memory",
     "benchmarks.compile",
     "benchmarks.data",
+    "benchmarks.tokenize_shards",
     "benchmarks.loss",
     "benchmarks.integrity",
     "benchmarks.threads",

@@ -125,8 +125,8 @@ def test_a_fault_that_keeps_coming_back_stops_after_max_rollbacks(tmp_path, monk
 
     import midtrain.run.stage as run_module
     from midtrain.config import load_recipe
-    from midtrain.train.rollback import RollbackError
     from midtrain.run import RunOptions, run
+    from midtrain.train.rollback import RollbackError
 
     from ..train.tiny import write_recipe
 

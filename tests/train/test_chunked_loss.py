@@ -18,8 +18,7 @@ from pydantic import ValidationError
 
 from midtrain.model import build_model, forward_packed, preset_config
 from midtrain.model.head import HeadInputs, chunkable_head, hidden_states_only
-from midtrain.model.loss import linear_cross_entropy
-from midtrain.model.loss import IGNORE, token_loss_sums
+from midtrain.model.loss import IGNORE, linear_cross_entropy, token_loss_sums
 
 VOCAB = 300  # unlike every other dimension of tiny-llama, so a saved [.., V] tensor is recognisable
 

@@ -1,4 +1,5 @@
-"""`midtrain data ...`: decontaminate, train a tokenizer, curate with datatrove, inspect a recipe's mixtures.
+"""`midtrain data ...`: decontaminate, train a tokenizer, curate with datatrove, tokenize ahead of a run, inspect a
+recipe's mixtures.
 
 Heavy modules (torch, transformers, datatrove, spaCy) are imported inside the commands so `midtrain --help` is fast.
 """
@@ -12,7 +13,8 @@ import typer
 
 from midtrain.cli.common import EXIT_RUN, SetOpt, console, escape, fail, load_recipe_or_exit
 
-data_app = typer.Typer(no_args_is_help=True, help="Prepare data: decontaminate, tokenizer, curate, inspect.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare data: decontaminate, tokenizer, curate, tokenize, "
+                        "inspect.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train tokenizers.")
 data_app.add_typer(tokenizer_app, name="tokenizer")
 
@@ -129,6 +131,66 @@ def curate_cmd(
         for r in removals.values():
             if "warning" in r:
                 console.print(f"[yellow]warning:[/] {escape(r['warning'])}")
+
+
+@data_app.command("tokenize")
+def tokenize_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOpt = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Tasks run at once (default: the recipe's "
+                                                   "curation.workers, else one per core).")] = None,
+    shards: Annotated[Optional[int], typer.Option(min=1, help="Shards per source (default: 4 per worker). The "
+                                                  "cache is the same for any number.")] = None,
+) -> None:
+    """Tokenize every text source of the recipe into the shared cache ahead of `midtrain run`, in shards run as
+    parallel tasks (the recipe's curation.executor: local processes, Slurm or Ray); completed shards are kept."""
+    import time
+
+    from midtrain.data.errors import DataError
+
+    rec = load_recipe_or_exit(recipe, set_)
+    try:
+        from midtrain.data.instruct import InstructionFormat
+        from midtrain.data.prepare import apply_special_tokens, build_decontaminator, source_input
+        from midtrain.data.pretokenized import is_pretokenized
+        from midtrain.data.sharded_tokenize import default_shards, local_workers, tokenize_sharded
+        from midtrain.data.tokenize import default_cache_dir
+        from midtrain.run import RunError, resolve_tokenizer
+
+        tokenizer = resolve_tokenizer(rec)
+        apply_special_tokens(rec, tokenizer)  # as `midtrain run` does: the same tokenizer, the same cache key
+        decon = build_decontaminator(rec)
+        cfg = rec.curation
+        n_workers = workers or (cfg.workers if cfg is not None else local_workers())
+        n_shards = shards or default_shards(n_workers)
+        start, docs, tokens = time.perf_counter(), 0, 0
+
+        def on_shard(done) -> None:
+            how = "done earlier, kept" if done.reused else f"{done.seconds:.1f} s"
+            console.print(f"{done.source}: shard {done.index + 1}/{done.total}: {done.documents:,} documents, "
+                          f"{done.tokens:,} tokens ({how})", highlight=False)
+
+        for s in rec.sources:
+            if is_pretokenized(s):
+                console.print(f"{s.name}: pre-tokenized, read in place by `midtrain run`: skipped", highlight=False)
+                continue
+            instruction = None if s.type != "instruction" else \
+                InstructionFormat(s.prompt_field, s.response_field, s.messages_field, s.template)
+            path, text_field = source_input(rec, s.name)
+            src = tokenize_sharded(s.name, path, text_field, tokenizer, holdout_docs=s.holdout_docs,
+                                   shards=n_shards, workers=n_workers, cache_dir=default_cache_dir(),
+                                   decontaminator=decon if s.decontaminate else None, instruction=instruction,
+                                   executor=cfg.executor if cfg is not None else "local",
+                                   slurm=cfg.slurm if cfg is not None else None, on_shard=on_shard)
+            docs, tokens = docs + src.n_docs, tokens + src.n_tokens
+            state = "cached already" if src.cache_hit else "tokenized"
+            console.print(f"{s.name}: {state}: {src.n_docs:,} documents, {src.n_tokens:,} tokens -> "
+                          f"{src.directory}", highlight=False)
+    except (DataError, ValueError, RunError, ImportError) as exc:
+        fail(escape(str(exc)), EXIT_RUN)
+    seconds = time.perf_counter() - start
+    console.print(f"total: {docs:,} documents, {tokens:,} tokens in {seconds:.1f} s "
+                  f"({tokens / max(seconds, 1e-9):,.0f} tokens/s)", highlight=False)
 
 
 @data_app.command("inspect")

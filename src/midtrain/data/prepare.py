@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from midtrain.config import Recipe
+from midtrain.data import sharded_tokenize as sharded
 from midtrain.data.decontam import Decontaminator
 from midtrain.data.errors import DataError
 from midtrain.data.instruct import InstructionFormat, add_special_tokens
@@ -73,10 +74,11 @@ def apply_special_tokens(recipe: Recipe, tokenizer) -> int:
 
 def tokenize_recipe_sources(recipe: Recipe, tokenizer, *, cache_dir: Path | None = None,
                             report_dir: Path | None = None, on_source=None,
-                            on_progress=None) -> list[TokenizedSource]:
+                            on_progress=None, workers: int | None = None) -> list[TokenizedSource]:
     """Tokenize (or load from the cache) every source of the recipe, in recipe order; write reports.
     `on_source(source)` is called as each one is ready, `on_progress(name, documents, tokens)` now and then while a
-    source is being tokenized (and decontaminated)."""
+    source is being tokenized (and decontaminated). A large text source (or any, with `workers` > 1) is tokenized in
+    shards by local worker processes (data/sharded_tokenize.py: the same cache, byte for byte)."""
     cache = cache_dir if cache_dir is not None else default_cache_dir()
     decon = build_decontaminator(recipe)
     out: list[TokenizedSource] = []
@@ -95,10 +97,17 @@ def tokenize_recipe_sources(recipe: Recipe, tokenizer, *, cache_dir: Path | None
             instruction = InstructionFormat(s.prompt_field, s.response_field, s.messages_field, s.template)
         path, text_field = source_input(recipe, s.name)
         read_from[s.name] = str(path)
-        out.append(tokenize_source(
-            s.name, path, text_field, tokenizer, holdout_docs=s.holdout_docs,
-            cache_dir=cache, decontaminator=decon if s.decontaminate else None, instruction=instruction,
-            progress=None if on_progress is None else functools.partial(on_progress, s.name)))
+        if sharded.wants_shards(path, workers):  # a cached source returns at once either way
+            out.append(sharded.tokenize_sharded(
+                s.name, path, text_field, tokenizer, holdout_docs=s.holdout_docs, cache_dir=cache,
+                decontaminator=decon if s.decontaminate else None, instruction=instruction,
+                workers=workers or sharded.local_workers(), shards=sharded.default_shards(workers),
+                on_shard=None if on_progress is None else sharded.progress_adapter(on_progress)))
+        else:
+            out.append(tokenize_source(
+                s.name, path, text_field, tokenizer, holdout_docs=s.holdout_docs,
+                cache_dir=cache, decontaminator=decon if s.decontaminate else None, instruction=instruction,
+                progress=None if on_progress is None else functools.partial(on_progress, s.name)))
         if out[-1].skips.total:
             log.warning("source %r: %s", s.name, out[-1].skips)
         if on_source is not None:

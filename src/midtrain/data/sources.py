@@ -14,6 +14,7 @@ import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -150,12 +151,15 @@ def open_binary(file: PathLike) -> BinaryIO:
 # --------------------------------------------------------------------------- raw records per format
 
 
-def _iter_jsonl(file: PathLike, skips: SkipReport) -> Iterator[tuple[dict, str]]:
-    lineno = 0
+def _iter_jsonl(file: PathLike, skips: SkipReport, start: int = 0, first_line: int = 1,
+                lines: int | None = None) -> Iterator[tuple[dict, str]]:
+    lineno = first_line - 1
     try:
         with open_binary(file) as raw_f:
             f = gzip.GzipFile(fileobj=raw_f) if str(file).endswith(".gz") else raw_f
-            for lineno, raw in enumerate(f, 1):
+            if start:
+                f.seek(start)
+            for lineno, raw in enumerate(f if lines is None else islice(f, lines), first_line):
                 if not raw.strip():
                     continue  # blank lines separate nothing and are not records
                 loc = f"{file}:{lineno}"
@@ -178,6 +182,13 @@ def _iter_jsonl(file: PathLike, skips: SkipReport) -> Iterator[tuple[dict, str]]
                 yield record, loc
     except (OSError, EOFError, zlib.error) as e:  # unreadable or truncated/corrupt gzip
         raise DataError(f"{file}:{lineno + 1}: cannot read file ({e})") from None
+
+
+def iter_jsonl_lines(file: PathLike, skips: SkipReport, *, start: int, first_line: int,
+                     lines: int | None) -> Iterator[tuple[dict, str]]:
+    """(record, location) of `lines` lines (None: to the end) of a plain .jsonl file from byte `start`, the start of
+    line `first_line`: a contiguous part of the file, read exactly as reading the whole file reads it."""
+    return _iter_jsonl(file, skips, start, first_line, lines)
 
 
 def _iter_txt(file: PathLike, text_field: str, skips: SkipReport) -> Iterator[tuple[dict, str]]:
@@ -288,17 +299,20 @@ def iter_documents(path: PathLike, text_field: str = "text", skips: SkipReport |
     """
     units = list_units(path)
     report = skips if skips is not None else SkipReport()
+    records = records_of_units(units, report, None if keep_record else [text_field])
+    return documents_of_records(records, text_field, report, keep_record=keep_record)
 
-    def gen() -> Iterator[Document]:
-        for record, loc in records_of_units(units, report, None if keep_record else [text_field]):
-            if text_field not in record:
-                report.add("missing_field", loc)
-                continue
-            text = check_text(record[text_field], loc, report)
-            if text is not None:
-                yield Document(text, loc, record if keep_record else None)
 
-    return gen()
+def documents_of_records(records: Iterator[tuple[dict, str]], text_field: str, skips: SkipReport, *,
+                         keep_record: bool = False) -> Iterator[Document]:
+    """The documents among (record, location) pairs; records without usable text are counted into `skips`."""
+    for record, loc in records:
+        if text_field not in record:
+            skips.add("missing_field", loc)
+            continue
+        text = check_text(record[text_field], loc, skips)
+        if text is not None:
+            yield Document(text, loc, record if keep_record else None)
 
 
 def long_documents(path: Path, tokenizer: Any, min_tokens: int, *, text_field: str = "text",

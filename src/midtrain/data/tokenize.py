@@ -69,6 +69,19 @@ def _digest(file) -> str:
     return h.hexdigest()
 
 
+def content_digest(text: str) -> int:
+    """A document's holdout key: sha256 of its text as an integer (the holdout is the k smallest)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest(), "big")
+
+
+def fingerprint_extra(tokenizer: PreTrainedTokenizerBase, decontaminator: Decontaminator | None,
+                      instruction: InstructionFormat | None) -> list[str] | None:
+    """`source_fingerprint`'s `extra` for these settings (None when there are none)."""
+    extra = [f"decontam:{decontaminator.fingerprint}" if decontaminator else "",
+             f"instruction:{instruction.fingerprint(tokenizer)}" if instruction else ""]
+    return extra if any(extra) else None
+
+
 def source_fingerprint(path: Path | str, text_field: str, tokenizer: PreTrainedTokenizerBase, holdout_docs: int,
                        extra: list[str] | None = None) -> str:
     """Everything that determines the cache contents; the source's name is not part of it (renaming is free).
@@ -91,7 +104,7 @@ def source_fingerprint(path: Path | str, text_field: str, tokenizer: PreTrainedT
 
 
 @contextmanager
-def _literal_specials(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
+def literal_specials(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
     """Special-token text inside documents is encoded as text for the duration (toggled once, not per call)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -108,7 +121,7 @@ def _literal_specials(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """Token ids of raw texts. A literal "<|eos|>" inside a document stays text: only the packer places specials.
 
-    Call inside `_literal_specials(tokenizer)`.
+    Call inside `literal_specials(tokenizer)`.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -118,7 +131,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[i
     return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
-def _encode_flat(tokenizer: PreTrainedTokenizerBase, texts: list[str], head: list[int], tail: list[int],
+def encode_flat(tokenizer: PreTrainedTokenizerBase, texts: list[str], head: list[int], tail: list[int],
                  dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """(every document's `head + ids + tail` back to back, their lengths): one array per batch, no per-doc arrays."""
     ids = _encode(tokenizer, texts)
@@ -271,14 +284,14 @@ class _Writer:
         return [e[2] for e in entries], sum(e[3] - 1 for e in entries)
 
 
-def _fsync_write(path: Path, write) -> None:
+def fsync_write(path: Path, write) -> None:
     with open(path, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _remove_stale_temps(directory: Path, fp: str) -> None:
+def remove_stale_temps(directory: Path, fp: str) -> None:
     """Temp dirs of this fingerprint left by dead processes (killed mid-write): never loaded, only taking space."""
     for tmp in directory.glob(f".{fp}.tmp-*") if directory.is_dir() else []:
         pid = tmp.name.removeprefix(f".{fp}.tmp-").split("-")[0]
@@ -294,6 +307,133 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def open_cached(name: str, root: Path, fp: str) -> TokenizedSource | None:
+    """The cache `root/tok/<fp>` if it is there and intact; a damaged one is removed (the data rebuilds it)."""
+    final = root / "tok" / fp
+    if not (final / "meta.json").exists():
+        return None
+    problem = cache_problem(final, root / "verified" / f"{fp}.json")
+    if problem is None:
+        return TokenizedSource.load(name, final)
+    log.warning("%s; re-tokenizing source %r", problem, name)  # the remedy: the cache is rebuilt from the data
+    aside = final.with_name(f".{fp}.damaged-{os.getpid()}")
+    os.rename(final, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    return None
+
+
+def new_temp_dir(root: Path, fp: str) -> Path:
+    """A fresh directory to build the cache of `fp` in (renamed into place by `publish_cache`)."""
+    remove_stale_temps(root / "tok", fp)
+    tmp = root / "tok" / f".{fp}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_cache(tmp: Path, final: Path, *, name: str, path: Path | str, text_field: str,
+                  tokenizer: PreTrainedTokenizerBase, offsets: np.ndarray,
+                  held: list[tuple[np.ndarray, np.ndarray | None]], held_dups: int, holdout_docs: int,
+                  skips: SkipReport, instruction: InstructionFormat | None, decontamination: dict | None,
+                  producer: dict | None = None) -> TokenizedSource:
+    """Complete the cache in `tmp` (tokens.bin and mask.bin written already) and rename it to `final`.
+
+    `held` are the held-out documents sorted by content hash; `producer` (optional) says how the cache was built.
+    """
+    fp, dtype = final.name, token_dtype(len(tokenizer))
+    n_train = len(offsets) - 1
+    if n_train == 0:
+        n_read = len(held) + held_dups
+        raise DataError(
+            f"{path}: source {name!r} has no training documents "
+            f"({n_read} read, holdout_docs={holdout_docs}; {skips})"
+        )
+    h_offsets = np.zeros(len(held) + 1, dtype=np.int64)
+    h_offsets[1:] = np.cumsum([len(t) for t, _ in held])
+    fsync_write(tmp / "docs.npy", lambda f: np.save(f, offsets))
+    fsync_write(tmp / "holdout_docs.npy", lambda f: np.save(f, h_offsets))
+    fsync_write(tmp / "holdout_tokens.bin", lambda f: [t.tofile(f) for t, _ in held])
+    if instruction is not None:
+        fsync_write(tmp / "holdout_mask.bin", lambda f: [m.tofile(f) for _, m in held])
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "fingerprint": fp,
+        "path": str(path),
+        "text_field": text_field,
+        "n_docs": n_train,
+        "n_tokens": int(offsets[-1]),
+        "dtype": dtype.name,
+        "vocab_size": len(tokenizer),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "holdout": {"requested": holdout_docs, "n_docs": len(held), "n_tokens": int(h_offsets[-1]),
+                    "duplicates": held_dups},
+        "skips": skips.to_dict(),
+        "has_mask": instruction is not None,
+        "instruction": None if instruction is None else vars(instruction),
+        "decontamination": decontamination,
+    }
+    if instruction is not None:
+        mask_total = int(np.fromfile(tmp / "mask.bin", dtype=np.uint8).sum(dtype=np.int64))
+        meta["loss_tokens"] = mask_total  # tokens that carry loss (the rest is prompt)
+    if producer is not None:
+        meta["producer"] = producer
+    meta["files"] = file_digests(tmp)  # checked before a later run uses the cache (data/cache_check.py)
+    fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process finished the same cache first: theirs is identical
+        if not (final / "meta.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return TokenizedSource.load(name, final)
+    return TokenizedSource.load(name, final, cache_hit=False)
+
+
+def encode_in_order(tokenizer, batches, head: list[int], tail: list[int], dtype, write) -> None:
+    """`write(batch, *encode_flat(batch texts))` for each batch of (text, location) pairs, in order, with up to
+    ENCODE_AHEAD batches encoding in threads meanwhile (the Rust encoder releases the GIL; Python ones get one)."""
+    threads = ENCODE_AHEAD if hasattr(tokenizer, "backend_tokenizer") else 1
+    with literal_specials(tokenizer), ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        try:
+            for batch in batches:
+                pending.append((batch, pool.submit(encode_flat, tokenizer, [t for t, _ in batch], head, tail, dtype)))
+                if len(pending) > ENCODE_AHEAD:
+                    done, future = pending.popleft()
+                    write(done, *future.result())
+            while pending:
+                done, future = pending.popleft()
+                write(done, *future.result())
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def cache_key(name: str, path, text_field: str, tokenizer, holdout_docs: int, cache_dir: Path | None,
+              decontaminator, instruction) -> tuple[Path | str, Path, str]:
+    """(path, cache root, fingerprint) of a source: what both tokenizers (one process, shards) look up."""
+    if holdout_docs < 0:
+        raise ValueError(f"source {name!r}: holdout_docs={holdout_docs} must be >= 0")
+    path = path if is_remote(path) else Path(path)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return path, root, source_fingerprint(path, text_field, tokenizer, holdout_docs,
+                                          fingerprint_extra(tokenizer, decontaminator, instruction))
+
+
+def instruction_samples(records, tokenizer, instruction, decontaminator, skips: SkipReport):
+    """(text, ids, mask) of each instruction record that renders and survives decontamination, in record order;
+    the others are counted in `skips` (a record that does not render) or dropped (overlap with a benchmark)."""
+    for record, loc in records:
+        try:
+            text, ids, mask = encode_record(record, tokenizer, instruction)
+        except SkipRecord as e:
+            skips.add(e.reason, loc)
+            continue
+        if decontaminator is not None and decontaminator.check(text, loc).text != text:
+            continue  # redacting inside a prompt/response pair would garble it: drop the sample
+        yield text, ids, mask
 
 
 def tokenize_source(
@@ -315,22 +455,12 @@ def tokenize_source(
     `progress(documents, tokens)` is called with the counts written so far, at most every PROGRESS_SECONDS, while a
     source is tokenized (a large one takes minutes; a cache hit calls nothing).
     """
-    if holdout_docs < 0:
-        raise ValueError(f"source {name!r}: holdout_docs={holdout_docs} must be >= 0")
-    path = path if is_remote(path) else Path(path)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    extra = [f"decontam:{decontaminator.fingerprint}" if decontaminator else "",
-             f"instruction:{instruction.fingerprint(tokenizer)}" if instruction else ""]
-    fp = source_fingerprint(path, text_field, tokenizer, holdout_docs, extra if any(extra) else None)
+    path, root, fp = cache_key(name, path, text_field, tokenizer, holdout_docs, cache_dir, decontaminator,
+                               instruction)
     final = root / "tok" / fp
-    if (final / "meta.json").exists():
-        problem = cache_problem(final, root / "verified" / f"{fp}.json")
-        if problem is None:
-            return TokenizedSource.load(name, final)
-        log.warning("%s; re-tokenizing source %r", problem, name)  # the remedy: the cache is rebuilt from the data
-        aside = final.with_name(f".{fp}.damaged-{os.getpid()}")
-        os.rename(final, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+    cached = open_cached(name, root, fp)
+    if cached is not None:
+        return cached
 
     dtype = token_dtype(len(tokenizer))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -339,15 +469,10 @@ def tokenize_source(
     skips = SkipReport()
     if decontaminator is not None:
         decontaminator.reset_counts()
-    _remove_stale_temps(root / "tok", fp)
-    tmp = root / "tok" / f".{fp}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = new_temp_dir(root, fp)
 
     def clean(text: str, location: str) -> str | None:
         return text if decontaminator is None else decontaminator.check(text, location).text
-
-    def digest_of(text: str) -> int:
-        return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest(), "big")
 
     try:
         with open(tmp / "tokens.bin", "wb") as f, \
@@ -361,15 +486,9 @@ def tokenize_source(
                     last_report = time.monotonic()
                     progress(len(writer.offsets) - 1, writer.offsets[-1])
             if instruction is not None:
-                for record, loc in iter_records(path, skips):
-                    try:
-                        text, ids, mask = encode_record(record, tokenizer, instruction)
-                    except SkipRecord as e:
-                        skips.add(e.reason, loc)
-                        continue
-                    if decontaminator is not None and decontaminator.check(text, loc).text != text:
-                        continue  # redacting inside a prompt/response pair would garble it: drop the sample
-                    writer.add(digest_of(text), (ids.astype(dtype), mask))
+                for text, ids, mask in instruction_samples(iter_records(path, skips), tokenizer, instruction,
+                                                           decontaminator, skips):
+                    writer.add(content_digest(text), (ids.astype(dtype), mask))
                     if writer.pending_tokens >= CHUNK_CHARS:
                         writer.flush()
                         report_progress()
@@ -396,7 +515,7 @@ def tokenize_source(
                         if end == start:
                             skips.add("no_tokens", loc)
                             continue
-                        writer.add(digest_of(text), (flat[start:end], None))
+                        writer.add(content_digest(text), (flat[start:end], None))
                         start = end
                     writer.flush()
                     faults.point("tokenize.mid_write")  # test-only: tokens.bin partly written, meta.json not
@@ -404,72 +523,16 @@ def tokenize_source(
 
                 # Encoding runs in worker threads (the Rust encoder releases the GIL) while this thread reads the
                 # next batch and writes finished ones, in order.
-                threads = ENCODE_AHEAD if hasattr(tokenizer, "backend_tokenizer") else 1  # Python ones: one
-                with _literal_specials(tokenizer), ThreadPoolExecutor(threads) as pool:
-                    pending: deque = deque()
-                    try:
-                        for batch in batches():
-                            pending.append((batch, pool.submit(_encode_flat, tokenizer, [t for t, _ in batch],
-                                                               head, tail, dtype)))
-                            if len(pending) > ENCODE_AHEAD:
-                                done, future = pending.popleft()
-                                write(done, *future.result())
-                        while pending:
-                            done, future = pending.popleft()
-                            write(done, *future.result())
-                    finally:
-                        for _, future in pending:
-                            future.cancel()
+                encode_in_order(tokenizer, batches(), head, tail, dtype, write)
             writer.flush()
             f.flush()
             os.fsync(f.fileno())
         held, held_dups = writer.holdout()
-        n_train = len(writer.offsets) - 1
-        if n_train == 0:
-            n_read = len(held) + held_dups
-            raise DataError(
-                f"{path}: source {name!r} has no training documents "
-                f"({n_read} read, holdout_docs={holdout_docs}; {skips})"
-            )
-        offsets = np.asarray(writer.offsets, dtype=np.int64)
-        h_offsets = np.zeros(len(held) + 1, dtype=np.int64)
-        h_offsets[1:] = np.cumsum([len(t) for t, _ in held])
-        _fsync_write(tmp / "docs.npy", lambda f: np.save(f, offsets))
-        _fsync_write(tmp / "holdout_docs.npy", lambda f: np.save(f, h_offsets))
-        _fsync_write(tmp / "holdout_tokens.bin", lambda f: [t.tofile(f) for t, _ in held])
-        if instruction is not None:
-            _fsync_write(tmp / "holdout_mask.bin", lambda f: [m.tofile(f) for _, m in held])
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "fingerprint": fp,
-            "path": str(path),
-            "text_field": text_field,
-            "n_docs": n_train,
-            "n_tokens": int(offsets[-1]),
-            "dtype": dtype.name,
-            "vocab_size": len(tokenizer),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "holdout": {"requested": holdout_docs, "n_docs": len(held), "n_tokens": int(h_offsets[-1]),
-                        "duplicates": held_dups},
-            "skips": skips.to_dict(),
-            "has_mask": instruction is not None,
-            "instruction": None if instruction is None else vars(instruction),
-            "decontamination": None if decontaminator is None else decontaminator.report(),
-        }
-        if instruction is not None:
-            mask_total = int(np.fromfile(tmp / "mask.bin", dtype=np.uint8).sum(dtype=np.int64))
-            meta["loss_tokens"] = mask_total  # tokens that carry loss (the rest is prompt)
-        meta["files"] = file_digests(tmp)  # checked before a later run uses the cache (data/cache_check.py)
-        _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished the same cache first: theirs is identical
-            if not (final / "meta.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            return TokenizedSource.load(name, final)
+        return publish_cache(tmp, final, name=name, path=path, text_field=text_field, tokenizer=tokenizer,
+                             offsets=np.asarray(writer.offsets, dtype=np.int64), held=held, held_dups=held_dups,
+                             holdout_docs=holdout_docs, skips=skips, instruction=instruction,
+                             decontamination=None if decontaminator is None else decontaminator.report())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return TokenizedSource.load(name, final, cache_hit=False)
+
