@@ -336,10 +336,10 @@ def tokenize_sharded(
     work = root / "tok-shards" / f"{fp}-{shards}"
     plan_json = json.dumps({"version": PLAN_VERSION, "chunk_chars": tok_mod.CHUNK_CHARS,
                             "shards": [[vars(p) for p in pieces] for pieces in plan]}, indent=1)
-    if not (work / "plan.json").is_file() or (work / "plan.json").read_text() != plan_json:
+    if not (work / "shard_plan.json").is_file() or (work / "shard_plan.json").read_text() != plan_json:
         shutil.rmtree(work, ignore_errors=True)  # another plan's shards cannot be merged with this one's
         work.mkdir(parents=True)
-        write_text_atomic(work / "plan.json", plan_json)
+        write_text_atomic(work / "shard_plan.json", plan_json)
     logs = work / "logs"
     for i in range(len(plan)):  # datatrove skips tasks with a completion marker: only shards with DONE keep theirs
         if not (work / f"shard-{i:05d}" / "DONE").is_file():
