@@ -13,6 +13,7 @@ bit. `MIDTRAIN_RELIABILITY_EXEC=1` makes every launch a fresh interpreter.
 
 from __future__ import annotations
 
+import atexit
 import json
 import multiprocessing
 import os
@@ -94,15 +95,20 @@ def _forked(argv: list[str], env: dict, fsize_limit: int | None, timeout: float)
         proc = _context.Process(target=_child, args=(argv, env, str(out), str(err), fsize_limit))
         proc.start()
         proc.join(timeout)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
+        timed_out = proc.exitcode is None
+        try:  # the child's session: what it left behind when killed (datatrove's Manager server) goes with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.join()
+        if timed_out:
             raise TimeoutError(f"midtrain {' '.join(argv)} ran past {timeout}s")
         return (proc.exitcode, *(p.read_text(errors="replace") if p.exists() else "" for p in (out, err)))
 
 
 def _child(argv: list[str], env: dict, out: str, err: str, fsize_limit: int | None) -> None:
     """Runs the CLI as `python -m midtrain ARGV` would, in a forked child; exits with its status."""
+    os.setsid()  # its own session, so the parent can end everything it started
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
     os.environ.clear()
@@ -125,6 +131,9 @@ def _child(argv: list[str], env: dict, out: str, err: str, fsize_limit: int | No
     except BaseException:  # noqa: BLE001 - what an uncaught exception does to `python -m midtrain`
         traceback.print_exc()
         code = 1
+    # What interpreter exit does for `python -m midtrain`: atexit handlers, among them `multiprocess`'s, which shut
+    # down the Manager server datatrove's LocalPipelineExecutor forks (skipped, it outlives the test as an orphan).
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
