@@ -174,7 +174,7 @@ class RunLayout:
                 (stage.eval_after, kept.eval_after)]
 
     def mix_work(self, kind: str, stage: str) -> Path:
-        """Where `midtrain mix search|value` keeps its proxy runs for `stage` (`kind`: search or value)."""
+        """Where `midtrain mix search|doremi|value` keeps its runs for `stage` (`kind`: search, doremi or value)."""
         return self.root / "mix" / f"{kind}-{stage}"
 
     def eval_files(self) -> list[Path]:

@@ -1,4 +1,5 @@
-"""`midtrain mix search|value`: mixture optimisation and microanneal data valuation for a recipe's stage.
+"""`midtrain mix search|doremi|value`: mixture optimisation (RegMix, DoReMi) and microanneal data valuation for a
+recipe's stage.
 
 Heavy modules (torch, transformers) are imported inside the commands so `midtrain --help` stays fast.
 """
@@ -105,6 +106,21 @@ def _default_out(recipe, kind: str, stage: str) -> Path:
     return RunLayout(recipe.run_dir).mix_work(kind, stage)
 
 
+def _run_method(recipe_file: Path, set_, kind: str, stage: str, out: Path | None, make_config, run_method):
+    """Loads the recipe, builds the method's config (bad options exit 2) and runs it in OUT (default
+    RUN/mix/<kind>-<stage>); returns (config, out, summary)."""
+    from midtrain.mix.proxy import MixError
+
+    loaded = load_recipe_or_exit(recipe_file, set_)
+    try:
+        cfg = make_config()
+    except MixError as exc:
+        fail(escape(str(exc)), EXIT_RECIPE)
+    out = out or _default_out(loaded, kind, stage)
+    summary = _guarded(lambda on_event: run_method(loaded, recipe_file, cfg, out, on_event), f"mix {kind}")
+    return cfg, out, summary
+
+
 @mix_app.command("search")
 def search(
     recipe: RecipeArg,
@@ -137,20 +153,13 @@ def search(
 ) -> None:
     """RegMix-style search: proxies on Dirichlet mixtures, a regression, the predicted best mixture (a recipe
     snippet). Default --tokens: the stage's own tokens."""
-    from midtrain.mix.proxy import MixError
     from midtrain.mix.search import SearchConfig, run_search
 
-    loaded = load_recipe_or_exit(recipe, set_)
-    try:
-        cfg = SearchConfig(stage=stage, target=target, proxies=proxies, tokens=_tokens(tokens),
-                           concentration=concentration, seed=seed, start=start, model=model, folds=folds,
-                           heldout=fraction_heldout, candidates=candidates, top_k=top_k,
-                           verify_seeds=_seeds(verify_seeds, "--verify-seeds"), workers=workers, threads=threads,
-                           keep_models=keep_models)
-    except MixError as exc:
-        fail(escape(str(exc)), EXIT_RECIPE)
-    out = out or _default_out(loaded, "search", stage)
-    summary = _guarded(lambda on_event: run_search(loaded, recipe, cfg, out, on_event), "mix search")
+    _, out, summary = _run_method(recipe, set_, "search", stage, out, lambda: SearchConfig(
+        stage=stage, target=target, proxies=proxies, tokens=_tokens(tokens), concentration=concentration, seed=seed,
+        start=start, model=model, folds=folds, heldout=fraction_heldout, candidates=candidates, top_k=top_k,
+        verify_seeds=_seeds(verify_seeds, "--verify-seeds"), workers=workers, threads=threads,
+        keep_models=keep_models), run_search)
     print_search(summary, console)
     console.print(f"recipe snippet: {out / 'best_mixture.yaml'}  summary: {out / 'summary.json'}", highlight=False)
 
@@ -186,6 +195,63 @@ def print_search(summary: dict, console) -> None:
     console.print(table)
 
 
+@mix_app.command("doremi")
+def doremi(
+    recipe: RecipeArg,
+    stage: StageOpt,
+    tokens: TokensOpt = None,
+    reference: Annotated[str, typer.Option(help="The reference model's mixture, which the proxy's batches are also "
+                                                "drawn from: uniform (the paper's) or recipe (the stage's weights).")]
+    = "uniform",
+    step_size: Annotated[float, typer.Option(help="eta of the domain weights' exponentiated-gradient step.")] = 1.0,
+    smoothing: Annotated[float, typer.Option(help="Share of uniform mixed into the weights each step.")] = 1e-3,
+    target: Annotated[str, typer.Option(help="Metric --verify-seeds measures (as in eval results).")] = "loss",
+    verify_seeds: Annotated[str, typer.Option(help="Also train the DoReMi, recipe and uniform mixtures at these "
+                                                   "seeds (e.g. 1,2,3) and measure --target.")] = "",
+    workers: WorkersOpt = 1,
+    threads: ThreadsOpt = None,
+    start: StartOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="DoReMi dir (resumed). Default RUN/mix/doremi-<stage>.",
+                                                show_default=False)] = None,
+    keep_models: KeepOpt = False,
+    set_: SetOpt = None,
+) -> None:
+    """DoReMi (Xie et al. 2023): a reference run on the reference mixture, a proxy trained with Group DRO over the
+    stage's sources against it, and the proxy's averaged domain weights (a recipe snippet). Default --tokens: the
+    stage's own tokens (for the reference and the proxy each)."""
+    from midtrain.mix.doremi import DoremiConfig, run_doremi
+
+    _, out, summary = _run_method(recipe, set_, "doremi", stage, out, lambda: DoremiConfig(
+        stage=stage, tokens=_tokens(tokens), reference=reference, step_size=step_size, smoothing=smoothing,
+        start=start, target=target, verify_seeds=_seeds(verify_seeds, "--verify-seeds"), workers=workers,
+        threads=threads, keep_models=keep_models), run_doremi)
+    print_doremi(summary, console)
+    console.print(f"recipe snippet: {out / 'best_mixture.yaml'}  summary: {out / 'summary.json'}", highlight=False)
+
+
+def print_doremi(summary: dict, console) -> None:
+    from rich.table import Table
+
+    names, proxy = summary["sources"], summary["proxy"]
+    console.print(f"DoReMi proxy: {proxy['steps']} steps, {proxy['tokens']:,} tokens; reference on "
+                  f"{summary['settings']['reference']} weights", highlight=False)
+    table = Table(title="domain weights" + (f" ({summary['target']}, measured)" if summary.get("verify") else ""))
+    table.add_column("mixture")
+    for n in names:
+        table.add_column(n, justify="right")
+    verify = summary.get("verify") or {}
+    if verify:
+        table.add_column("measured (mean ± std over seeds)", justify="right")
+    rows = [("doremi (averaged)", summary["mixtures"]["doremi"], verify.get("doremi")),
+            ("proxy's last step", proxy["final"], None),
+            ("recipe", summary["mixtures"]["recipe"], verify.get("recipe")),
+            ("uniform", summary["mixtures"]["uniform"], verify.get("uniform"))]
+    for label, mixture, measured in rows:
+        extra = [f"{measured['mean']:.4f} ± {measured['std']:.4f}" if measured else ""] if verify else []
+        table.add_row(label, *(f"{mixture.get(n, 0.0):.3f}" for n in names), *extra)
+    console.print(table)
+
+
 @mix_app.command("value")
 def value(
     recipe: RecipeArg,
@@ -210,18 +276,12 @@ def value(
 ) -> None:
     """Microanneal valuation: the stage's start checkpoint annealed with and without the candidate at --fraction,
     same tokens and seed; metric deltas as mean ± std over seeds. Default --tokens: a tenth of the stage's."""
-    from midtrain.mix.proxy import MixError
     from midtrain.mix.value import ValueConfig, run_value
 
-    loaded = load_recipe_or_exit(recipe, set_)
-    try:
-        cfg = ValueConfig(stage=stage, candidate=candidate, fraction=fraction, seeds=_seeds(seeds, "--seeds"),
-                          tokens=_tokens(tokens), start=start, name=name, domain=domain, text_field=text_field,
-                          workers=workers, threads=threads, keep_models=keep_models)
-    except MixError as exc:
-        fail(escape(str(exc)), EXIT_RECIPE)
-    out = out or _default_out(loaded, "value", stage)
-    summary = _guarded(lambda on_event: run_value(loaded, recipe, cfg, out, on_event), "mix value")
+    cfg, out, summary = _run_method(recipe, set_, "value", stage, out, lambda: ValueConfig(
+        stage=stage, candidate=candidate, fraction=fraction, seeds=_seeds(seeds, "--seeds"), tokens=_tokens(tokens),
+        start=start, name=name, domain=domain, text_field=text_field, workers=workers, threads=threads,
+        keep_models=keep_models), run_value)
     print_value(summary, console)
     label = f"{summary['candidate']['name']}-f{cfg.fraction:g}"
     console.print(f"summary: {out / (label + '.json')}", highlight=False)

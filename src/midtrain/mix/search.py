@@ -103,8 +103,9 @@ def proxy_tokens(recipe: Recipe, index: int, tokens: int | None) -> int:
     return tokens
 
 
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    path = out / "search.json"
+def check_settings(out: Path, settings: dict[str, Any], name: str = "search.json") -> None:
+    """Records what a directory's proxies train (`out/name`); refuses to resume one with other settings."""
+    path = out / name
     if path.is_file():
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
@@ -128,10 +129,11 @@ def snippet(stage: str, weights: dict[str, float], note: str, replay: bool) -> s
     return "\n".join(lines) + "\n" + yaml.safe_dump({"data": body}, sort_keys=False)
 
 
-def run_search(recipe: Recipe, recipe_file: Path, cfg: SearchConfig, out: Path,
-               on_event: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
-    """The whole search; returns (and writes) the summary. `on_event(kind, info)` reports progress:
-    ("start", {total, done}), ("proxy", {proxy, result}), ("verify", {total})."""
+def method_setup(recipe: Recipe, recipe_file: Path, cfg: Any, keys: Sequence[str]
+                 ) -> tuple[int, int, str, dict[str, float], dict[str, Any]]:
+    """What every mixture method checks and settles first, from `cfg` (stage, target, tokens, start): the stage's
+    index, the proxies' budget and start, the stage's effective mixture, and the settings (`keys` of cfg and those)
+    that a resumed directory must agree on."""
     index = stage_index(recipe, cfg.stage, recipe_file)
     check_target(recipe, index, cfg.target)
     tokens = proxy_tokens(recipe, index, cfg.tokens)
@@ -139,10 +141,19 @@ def run_search(recipe: Recipe, recipe_file: Path, cfg: SearchConfig, out: Path,
     center = build_plan(recipe).stages[index].mixture
     names = list(center)
     if len(names) < 2:
-        raise MixError(f"stage {cfg.stage!r} mixes one source ({names[0]}): there is no mixture to search")
-    settings = {"recipe": str(Path(recipe_file).resolve()), **{k: getattr(cfg, k) for k in PROXY_KEYS},
+        raise MixError(f"stage {cfg.stage!r} mixes one source ({names[0]}): there is no mixture to optimise")
+    settings = {"recipe": str(Path(recipe_file).resolve()), **{k: getattr(cfg, k) for k in keys},
                 "tokens": tokens, "start": start, "sources": names, "center": [center[n] for n in names]}
-    _check_settings(out, settings)
+    return index, tokens, start, center, settings
+
+
+def run_search(recipe: Recipe, recipe_file: Path, cfg: SearchConfig, out: Path,
+               on_event: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    """The whole search; returns (and writes) the summary. `on_event(kind, info)` reports progress:
+    ("start", {total, done}), ("proxy", {proxy, result}), ("verify", {total})."""
+    index, tokens, start, center, settings = method_setup(recipe, recipe_file, cfg, PROXY_KEYS)
+    names = list(center)
+    check_settings(out, settings)
     tasks = eval_tasks_for(cfg.target, recipe.stages[index].eval.tasks)
     weights = sample_mixtures(np.array([center[n] for n in names]), cfg.concentration, cfg.proxies, cfg.seed)
 
@@ -185,28 +196,38 @@ def run_search(recipe: Recipe, recipe_file: Path, cfg: SearchConfig, out: Path,
         "mixtures": named,
         "predicted_value": predicted,
     }
-    if cfg.verify_seeds:
-        summary["verify"] = _verify(recipe, index, cfg, out, named, proxy, emit)
     note = (f"midtrain mix search: predicted best mixture of stage {cfg.stage!r} for {cfg.target} "
             f"({'higher' if maximize else 'lower'} is better; predicted {best_pred:.4g}),\n"
             f"from {len(y)} proxies of {tokens:,} tokens; held-out Spearman {cv.spearman:.3f} ({cv.scheme})")
-    replay = recipe.stages[index].data.replay is not None
-    write_text_atomic(out / "best_mixture.yaml", snippet(cfg.stage, named["predicted"], note, replay))
+    return conclude(summary, "predicted", proxy, out, cfg, emit, note, recipe.stages[index].data.replay is not None)
+
+
+def conclude(summary: dict[str, Any], best: str, proxy: Callable[..., Proxy], out: Path, cfg: Any,
+             emit: Callable[[str, dict], None], note: str, replay: bool) -> dict[str, Any]:
+    """The end of a mixture method: `summary["mixtures"]` verified at `cfg.verify_seeds` (when any), the `best`
+    one written as a recipe snippet (OUT/best_mixture.yaml), the summary written (OUT/summary.json)."""
+    if cfg.verify_seeds:
+        summary["verify"] = verify_mixtures(summary["mixtures"], proxy, out, target=cfg.target,
+                                            seeds=cfg.verify_seeds, workers=cfg.workers, threads=cfg.threads,
+                                            keep_models=cfg.keep_models, emit=emit)
+    write_text_atomic(out / "best_mixture.yaml", snippet(cfg.stage, summary["mixtures"][best], note, replay))
     write_json_atomic(out / "summary.json", summary)
     return summary
 
 
-def _verify(recipe: Recipe, index: int, cfg: SearchConfig, out: Path, named: dict[str, dict[str, float]],
-            proxy: Callable[..., Proxy], emit: Callable[[str, dict], None]) -> dict[str, Any]:
-    """The predicted, recipe and uniform mixtures trained at the proxies' budget, per seed: measured target."""
+def verify_mixtures(named: dict[str, dict[str, float]], proxy: Callable[..., Proxy], out: Path, *, target: str,
+                    seeds: Sequence[int], workers: int, threads: int | None, keep_models: bool,
+                    emit: Callable[[str, dict], None]) -> dict[str, Any]:
+    """Each named mixture ({label: {source: weight}}) trained at the proxies' budget per seed (`proxy(dir, weights,
+    seed=)` builds the run, in OUT/verify/<label>-seed<s>): the measured target, per label."""
     names = list(named["recipe"])
     runs = [(label, seed, proxy(out / "verify" / f"{label}-seed{seed}", [mix[n] for n in names], seed=seed))
-            for seed in cfg.verify_seeds for label, mix in named.items()]
+            for seed in seeds for label, mix in named.items()]
     emit("start", {"total": len(runs), "done": sum(p.done for _, _, p in runs), "phase": "verify"})
-    results = run_proxies([p for _, _, p in runs], workers=cfg.workers, threads=cfg.threads,
-                          keep_models=cfg.keep_models, on_done=lambda p, r: emit("proxy", {"proxy": p, "result": r}))
+    results = run_proxies([p for _, _, p in runs], workers=workers, threads=threads, keep_models=keep_models,
+                          on_done=lambda p, r: emit("proxy", {"proxy": p, "result": r}))
     values: dict[str, list[float]] = {label: [] for label in named}
     for (label, _, p), r in zip(runs, results):
-        values[label].append(metric_of(r, cfg.target, p.result_file))
+        values[label].append(metric_of(r, target, p.result_file))
     return {label: {"values": v, "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                    "seeds": list(cfg.verify_seeds)} for label, v in values.items()}
+                    "seeds": list(seeds)} for label, v in values.items()}

@@ -64,6 +64,17 @@ def token_loss_sums(
     return (losses.sum(), *_per_source(losses, shift_labels, source_ids, n_sources))
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, source_ids: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token fp32 losses [N] (0 where nothing is predicted) and the source of each predicted token [N] (-1 where
+    nothing is predicted), with the same shift as `token_loss_sums`: what a per-domain reweighting (DoReMi) needs."""
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shift_labels, ignore_index=IGNORE,
+                             reduction="none")
+    src = F.pad(source_ids[:, 1:], (0, 1), value=-1).reshape(-1)
+    return losses, torch.where(shift_labels == IGNORE, -1, src)
+
+
 def _per_source(
     losses: torch.Tensor, shift_labels: torch.Tensor, source_ids: torch.Tensor, n_sources: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
