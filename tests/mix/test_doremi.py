@@ -114,6 +114,7 @@ def test_tiny_doremi_trains_reference_and_proxy_then_verifies_and_resumes(tmp_pa
     assert set(verified) == {"doremi", "recipe", "uniform"} and all(len(v["values"]) == 1 for v in verified.values())
     trained = json.loads((out / "verify" / "doremi-seed1" / "result.json").read_text())
     assert trained["mixture"] == pytest.approx(summary["mixtures"]["doremi"], abs=1e-6)
+    assert trained["tokens"] == 4096  # the weights' target run: the stage's own budget, not the proxy's
     assert verified["doremi"]["values"] == [trained["metrics"]["loss.math"]]
 
     again = midtrain(*args, cache=cache, timeout=60)  # resumed: nothing trains again

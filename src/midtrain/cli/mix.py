@@ -206,8 +206,9 @@ def doremi(
     step_size: Annotated[float, typer.Option(help="eta of the domain weights' exponentiated-gradient step.")] = 1.0,
     smoothing: Annotated[float, typer.Option(help="Share of uniform mixed into the weights each step.")] = 1e-3,
     target: Annotated[str, typer.Option(help="Metric --verify-seeds measures (as in eval results).")] = "loss",
-    verify_seeds: Annotated[str, typer.Option(help="Also train the DoReMi, recipe and uniform mixtures at these "
-                                                   "seeds (e.g. 1,2,3) and measure --target.")] = "",
+    verify_seeds: Annotated[str, typer.Option(help="Also train the stage (its own tokens) on the DoReMi, recipe and "
+                                                   "uniform mixtures at these seeds (e.g. 1,2,3); measure --target.")]
+    = "",
     workers: WorkersOpt = 1,
     threads: ThreadsOpt = None,
     start: StartOpt = None,

@@ -10,8 +10,8 @@
      the proxy steps on  sum_i alpha_i * (mean of l over source i's tokens)  (the reweighted objective)
    with alpha starting uniform, eta = 1 and c = 1e-3 as in the paper (Algorithm 1).
 3. The result is alpha averaged over the steps: the mixture for the target run (`best_mixture.yaml`).
-4. `--verify-seeds`: as `mix search`, the DoReMi, recipe and uniform mixtures each trained at the proxy budget per
-   seed, with the target metric measured.
+4. `--verify-seeds`: the DoReMi, recipe and uniform mixtures each trained as the stage itself (its own tokens, from
+   its start) per seed, with the target metric measured: the weights are for the target run, not for the proxy.
 
 Domains are the stage's sources (the mixture's keys; `replay` is folded in first, as `mix search` does). The proxy
 runs in one process and holds one step's activations (its batches are the stage's); it keeps no checkpoints: one
@@ -205,12 +205,14 @@ def run_doremi(recipe: Recipe, recipe_file: Path, cfg: DoremiConfig, out: Path,
     reference = uniform if cfg.reference == "uniform" else dict(center)
     check_settings(out, settings, "doremi.json")
 
-    def proxy(directory: Path, w: Sequence[float], seed: int | None = None, tasks: Sequence[str] | None = None
-              ) -> Proxy:
+    def proxy(directory: Path, w: Sequence[float], seed: int | None = None, budget: int = tokens) -> Proxy:
         mixture = {n: round(float(x), 6) for n, x in zip(names, w)}
-        data = derive_recipe(recipe, index, mixture=mixture, tokens=tokens, run_dir=ProxyLayout(directory).run.root,
-                             start=start, seed=seed, tasks=tasks or ["loss"])
+        data = derive_recipe(recipe, index, mixture=mixture, tokens=budget, run_dir=ProxyLayout(directory).run.root,
+                             start=start, seed=seed, tasks=["loss"])
         return Proxy(directory, cfg.stage, data)
+
+    def target_run(directory: Path, w: Sequence[float], seed: int | None = None) -> Proxy:
+        return proxy(directory, w, seed, budget=recipe.stages[index].tokens)  # the weights' use: the stage itself
 
     emit = on_event or (lambda kind, info: None)
     ref_proxy = proxy(out / "reference", [reference[n] for n in names])
@@ -245,4 +247,5 @@ def run_doremi(recipe: Recipe, recipe_file: Path, cfg: DoremiConfig, out: Path,
     note = (f"midtrain mix doremi: DoReMi domain weights of stage {cfg.stage!r} (Group DRO against a reference on "
             f"the {cfg.reference} mixture),\naveraged over the proxy's {result['steps']} steps of "
             f"{tokens:,} tokens (step size {cfg.step_size:g}, smoothing {cfg.smoothing:g})")
-    return conclude(summary, "doremi", proxy, out, cfg, emit, note, recipe.stages[index].data.replay is not None)
+    return conclude(summary, "doremi", target_run, out, cfg, emit, note,
+                    recipe.stages[index].data.replay is not None)
