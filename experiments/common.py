@@ -86,17 +86,20 @@ def place_recipe(template: Path) -> Path:
     return target
 
 
-def shared_base() -> Path:
-    """The HF export of experiments/base.yaml's run (trained once, then reused by every continual experiment)."""
-    run_dir = WORK / "base"
-    run_recipe(place_recipe(ROOT / "experiments" / "base.yaml"), run_dir)
+def shared_base(name: str = "base", schedule: dict | None = None) -> Path:
+    """The HF export of experiments/base.yaml's run (trained once, then reused by every continual experiment);
+    another `name` with a `schedule` is the same run under that LR schedule (e.g. a WSD stable-phase checkpoint)."""
+    run_dir = WORK / name
+    overrides = [f"stages.base.schedule={json.dumps(schedule)}"] if schedule else []
+    run_recipe(place_recipe(ROOT / "experiments" / "base.yaml"), run_dir, overrides)
     return RunLayout(run_dir).stage("base").export
 
 
 def continual(name: str, mixture: dict[str, float], seed: int, schedule: dict | None = None,
-              tokens: str = "300k") -> dict[str, dict]:
-    """One continued-training run from the shared base; returns {"cont-before": metrics, "cont": metrics}."""
-    base = shared_base()
+              tokens: str = "300k", base: Path | None = None) -> dict[str, dict]:
+    """One continued-training run from `base` (default: the shared base); returns {"cont-before": metrics, "cont":
+    metrics}."""
+    base = base or shared_base()
     mix = "{" + ", ".join(f"{k}: {v}" for k, v in mixture.items() if v > 0) + "}"
     overrides = [f"base={base}", f"seed={seed}", f"stages.cont.tokens={tokens}", f"stages.cont.data.mixture={mix}"]
     overrides += [f"stages.cont.schedule={json.dumps(schedule)}"] if schedule else []
