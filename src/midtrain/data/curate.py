@@ -31,6 +31,7 @@ from midtrain import faults
 from midtrain.config import Recipe, Source
 from midtrain.config.recipe import CurationConfig
 from midtrain.data.errors import DataError
+from midtrain.data.executors import pipeline_executor
 from midtrain.data.prepare import curated_dir, curated_sources, run_layout
 from midtrain.data.sources import SkipReport, iter_documents
 
@@ -149,25 +150,6 @@ def _filters(names: list[str], language: str) -> list[PipelineStep]:
     return [make[name]() for name in names]
 
 
-def _executor(cfg: CurationConfig, pipeline: list, *, tasks: int, logging_dir: Path, depends, name: str):
-    if cfg.executor == "local":
-        from datatrove.executor import LocalPipelineExecutor
-
-        return LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(cfg.workers, tasks),
-                                     logging_dir=str(logging_dir), depends=depends)
-    if cfg.executor == "slurm":
-        from midtrain.data.curate_slurm import CheckedSlurmPipelineExecutor
-
-        # partition/qos None: the cluster's defaults (datatrove's "normal" qos does not exist on every cluster).
-        opts = {"time": "12:00:00", "partition": None, "qos": None, "cpus_per_task": 1, "mem_per_cpu_gb": 2,
-                **cfg.slurm}
-        return CheckedSlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir),
-                                            job_name=f"midtrain-{name}", depends=depends, **opts)
-    from midtrain.data.curate_ray import CheckedRayPipelineExecutor  # a failed task raises instead of hanging
-
-    return CheckedRayPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir), depends=depends)
-
-
 def build_jobs(cfg: CurationConfig, source: Source, *, work: Path, out: Path, summary: Path, seed: int,
                fresh: bool = False) -> list:
     """The chain of executors for one source, filter job first; running the last runs or submits the chain.
@@ -193,8 +175,9 @@ def build_jobs(cfg: CurationConfig, source: Source, *, work: Path, out: Path, su
     jobs: list = []
 
     def add(pipeline: list, tasks: int, name: str) -> None:
-        jobs.append(_executor(cfg, pipeline, tasks=tasks, logging_dir=logs / name,
-                              depends=jobs[-1] if jobs else None, name=f"{source_name}-{name}"))
+        jobs.append(pipeline_executor(cfg.executor, pipeline, tasks=tasks, logs=logs / name, workers=cfg.workers,
+                                      slurm=cfg.slurm, depends=jobs[-1] if jobs else None,
+                                      job_name=f"midtrain-{source_name}-{name}"))
 
     stage_out = work / "filtered"
     filters = _filters(source_filters(cfg, source), cfg.language)

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datatrove.pipeline.base import PipelineStep
 
 from midtrain.data import tokenize as tok_mod
 from midtrain.data.decontam import MAX_EXAMPLES as DECON_EXAMPLES
 from midtrain.data.decontam import Decontaminator
 from midtrain.data.errors import DataError
+from midtrain.data.executors import pipeline_executor
 from midtrain.data.instruct import InstructionFormat
 from midtrain.data.shard_task import Piece, ShardJob, ShardTask
 from midtrain.data.sources import (
@@ -261,26 +261,6 @@ class ShardDone:
     reused: bool = False
 
 
-def _executor(executor: str, step: PipelineStep, *, tasks: int, workers: int, logs: Path, slurm: dict, name: str):
-    if executor == "local":
-        from datatrove.executor import LocalPipelineExecutor
-
-        # spawn: a fresh interpreter per worker (a forkserver outlived its parent before: issue 24)
-        return LocalPipelineExecutor(pipeline=[step], tasks=tasks, workers=min(workers, tasks),
-                                     logging_dir=str(logs), start_method="spawn")
-    if executor == "slurm":
-        from midtrain.data.curate_slurm import CheckedSlurmPipelineExecutor
-
-        opts = {"time": "12:00:00", "partition": None, "qos": None, "cpus_per_task": 1, "mem_per_cpu_gb": 2, **slurm}
-        return CheckedSlurmPipelineExecutor(pipeline=[step], tasks=tasks, logging_dir=str(logs),
-                                            job_name=f"midtrain-tokenize-{name}", **opts)
-    if executor == "ray":
-        from midtrain.data.curate_ray import CheckedRayPipelineExecutor
-
-        return CheckedRayPipelineExecutor(pipeline=[step], tasks=tasks, logging_dir=str(logs))
-    raise ValueError(f"executor {executor!r}: expected local, slurm or ray")
-
-
 class _Progress:
     """Reports each shard once as its DONE marker appears (any executor: the markers are on the shared disk)."""
 
@@ -350,8 +330,9 @@ def tokenize_sharded(
                    tok_mod.CHUNK_CHARS, threads)
     progress = _Progress(name, work, len(plan), on_shard)
     progress.sweep(reused=True)
-    ex = _executor(executor, ShardTask(job), tasks=len(plan), workers=workers, logs=logs, slurm=slurm or {},
-                   name=name)
+    # spawn: a fresh interpreter per local worker (a forkserver outlived its parent before: issue 24)
+    ex = pipeline_executor(executor, [ShardTask(job)], tasks=len(plan), workers=workers, logs=logs, slurm=slurm,
+                           job_name=f"midtrain-tokenize-{name}", start_method="spawn")
     stop = threading.Event()
     watcher = threading.Thread(target=progress.watch, args=(stop,), daemon=True)
     watcher.start()
