@@ -15,11 +15,9 @@ import gzip
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
+from tests.cluster.curation import JOBS, contents, curate_cli, curated, work, write_corpus, write_recipe
 from tests.cluster.ray_fixtures import ray_head  # noqa: F401  (fixture)
-from tests.data.corpus import write_jsonl
-from tests.data.test_curate import _docs
 
 pytest.importorskip("datatrove")
 pytest.importorskip("spacy")
@@ -29,59 +27,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:placement_group:DeprecationWarning"),
 ]
 
-JOBS = ("filter", "exact-signatures", "exact-find", "exact-filter", "minhash-signatures", "minhash-buckets",
-        "minhash-cluster", "minhash-filter", "finish")
-
-
 def _recipe(root: Path, executor: str, data: Path) -> Path:
-    # minhash_buckets 2 (default 14): each bucket is a Ray task, and each Ray task costs a worker start (~2-3 s).
-    recipe = root / f"{executor}.yaml"
-    recipe.write_text(
-        f"base: preset:tiny-llama\ntokenizer: bytes\nrun_dir: {root / ('run-' + executor)}\n"
-        f"sources:\n  - {{name: web, path: {data}, text_field: body}}\n"
-        f"curation: {{filters: [gopher_repetition], tasks: 2, minhash_buckets: 2, executor: {executor}}}\n"
-        "stages:\n  - {name: s, tokens: 1024, seq_len: 64, batch: {tokens: 256}, "
-        "schedule: {kind: constant, peak_lr: 1e-3}, data: {mixture: {web: 1.0}}}\n")
-    return recipe
-
-
-def _corpus(directory: Path) -> Path:
-    """18 documents: 12 distinct, 4 near-duplicates, an exact duplicate and repetitive junk (tests/data/test_curate)."""
-    distinct, near = _docs()
-    write_jsonl(directory / "web.jsonl", distinct + near + [distinct[5], "buy now " * 200], field="body")
-    return directory
-
-
-def curate_cli(recipe: Path):
-    from midtrain.cli import app
-
-    return CliRunner().invoke(app, ["data", "curate", str(recipe)], terminal_width=200)
-
-
-def run_dir(recipe: Path) -> Path:
-    return recipe.parent / f"run-{recipe.stem}"
-
-
-def curated(recipe: Path) -> Path:
-    from midtrain.config import load_recipe
-    from midtrain.data.prepare import curated_dir
-
-    return curated_dir(load_recipe(recipe)) / "web"
-
-
-def work(recipe: Path) -> Path:
-    from midtrain.config import load_recipe
-    from midtrain.data.prepare import run_layout
-
-    return run_layout(load_recipe(recipe)).curation_work("web")
-
-
-def contents(recipe: Path) -> dict[str, bytes]:
-    """Curated files by name, decompressed (gzip's header holds the write time) and with the run directory replaced
-    by "RUN" (datatrove's metadata keeps the path of the intermediate file each document was read from)."""
-    run = str(run_dir(recipe)).encode()
-    return {f.name: gzip.decompress(f.read_bytes()).replace(run, b"RUN")
-            for f in sorted((curated(recipe) / "output").glob("*.jsonl.gz"))}
+    return write_recipe(root, executor, data)
 
 
 def task_logs(recipe: Path) -> dict[str, int]:
@@ -94,7 +41,7 @@ def task_logs(recipe: Path) -> dict[str, int]:
 def both(tmp_path_factory, ray_head):  # noqa: F811
     """The same corpus curated by the local executor and on Ray (one Ray run shared by the tests below)."""
     root = tmp_path_factory.mktemp("ray-curate")
-    data = _corpus(root / "web")
+    data = write_corpus(root / "web")
     recipes = {ex: _recipe(root, ex, data) for ex in ("local", "ray")}
     for ex, recipe in recipes.items():
         result = curate_cli(recipe)
@@ -148,7 +95,7 @@ def test_corrupt_input_fails_naming_file_and_task_log(tmp_path, both):
     from midtrain.data.errors import DataError
     from midtrain.data.prepare import source_input
 
-    data = _corpus(tmp_path / "web")
+    data = write_corpus(tmp_path / "web")
     bad = data / "zz-bad.jsonl.gz"
     bad.write_bytes(gzip.compress(b'{"body": "fine"}\n' * 50)[:-30])  # truncated: fails mid-file
     recipe = _recipe(tmp_path, "ray", data)
