@@ -30,6 +30,15 @@ def test_group_dro_step_matches_the_hand_computed_one():
                                                                                                              1 / 3])
 
 
+def test_a_source_absent_from_the_batch_keeps_its_weight():
+    # present mass 0.8 is shared as the full step would share it: [0.5 * 2, 0.3 * 1] / 1.3 * 0.8; the third keeps 0.2
+    got = group_dro_update(np.array([0.5, 0.3, 0.2]), np.array([math.log(2), 0.0, 0.0]), 1.0, 0.0,
+                           present=np.array([True, True, False]))
+    assert got == pytest.approx([0.8 * 1.0 / 1.3, 0.8 * 0.3 / 1.3, 0.2], abs=1e-12)
+    nothing = group_dro_update(np.array([0.7, 0.3]), np.array([0.0, 0.0]), 1.0, 0.1, present=np.array([False] * 2))
+    assert nothing == pytest.approx([0.9 * 0.7 + 0.05, 0.9 * 0.3 + 0.05])
+
+
 def test_group_dro_step_edge_cases():
     uniform = np.full(4, 0.25)
     assert group_dro_update(uniform, np.zeros(4), 1.0, 1e-3) == pytest.approx(uniform)  # no excess: no change
@@ -98,10 +107,11 @@ def test_tiny_doremi_trains_reference_and_proxy_then_verifies_and_resumes(tmp_pa
     assert len(rows) == summary["proxy"]["steps"] == 2048 // 512
     # every recorded step is the Group-DRO update of the previous weights by that step's excess losses
     weights = np.full(3, 1 / 3)
-    for row in rows:
-        weights = group_dro_update(weights, np.array([row["excess"][n] for n in names]), 1.0, 0.01)
+    for row in rows:  # a source absent from a step's batch has no excess recorded
+        weights = group_dro_update(weights, np.array([row["excess"].get(n, 0.0) for n in names]), 1.0, 0.01,
+                                   present=np.array([n in row["excess"] for n in names]))
         assert [row["weights"][n] for n in names] == pytest.approx(weights.tolist(), abs=1e-12)
-    assert any(row["excess"][n] > 0 for row in rows for n in names)  # the reference is ahead of the fresh proxy
+    assert any(e > 0 for row in rows for e in row["excess"].values())  # the reference is ahead of the proxy
     average = np.mean([[row["weights"][n] for n in names] for row in rows], axis=0)
     assert [summary["mixtures"]["doremi"][n] for n in names] == pytest.approx(average.tolist(), abs=1e-12)
     snippet = yaml.safe_load((out / "best_mixture.yaml").read_text())

@@ -8,7 +8,8 @@
      excess_i = mean over source i's tokens of max(l - r, 0)                 (per-domain excess loss)
      alpha    = (1 - c) * normalise(alpha_prev * exp(eta * excess)) + c / k (exponentiated gradient, smoothed)
      the proxy steps on  sum_i alpha_i * (mean of l over source i's tokens)  (the reweighted objective)
-   with alpha starting uniform, eta = 1 and c = 1e-3 as in the paper (Algorithm 1).
+   with alpha starting uniform, eta = 1 and c = 1e-3 as in the paper (Algorithm 1). A source absent from a step's
+   batch keeps its weight (no evidence either way); the present ones share the rest.
 3. The result is alpha averaged over the steps: the mixture for the target run (`best_mixture.yaml`).
 4. `--verify-seeds`: the DoReMi, recipe and uniform mixtures each trained as the stage itself (its own tokens, from
    its start) per seed, with the target metric measured: the weights are for the target run, not for the proxy.
@@ -88,13 +89,21 @@ def domain_excess(losses: torch.Tensor, reference: torch.Tensor, sources: torch.
     return sums, counts
 
 
-def group_dro_update(weights: np.ndarray, excess: np.ndarray, step_size: float, smoothing: float) -> np.ndarray:
+def group_dro_update(weights: np.ndarray, excess: np.ndarray, step_size: float, smoothing: float,
+                     present: np.ndarray | None = None) -> np.ndarray:
     """One DoReMi step: weights * exp(step_size * excess), renormalised, then (1 - smoothing) of it plus smoothing
-    of uniform. Computed in log space (a large excess cannot overflow)."""
+    of uniform. Computed in log space (a large excess cannot overflow). A source not `present` in the step's batch
+    gives no evidence: it keeps its share, and the present ones share the rest (with small batches a long-document
+    source is often absent, and an excess of 0 would shrink it for no reason)."""
     weights, excess = np.asarray(weights, dtype=np.float64), np.asarray(excess, dtype=np.float64)
-    logits = np.log(weights) + step_size * excess
-    scaled = np.exp(logits - logits.max())
-    return (1 - smoothing) * scaled / scaled.sum() + smoothing / weights.size
+    present = np.ones(weights.size, dtype=bool) if present is None else np.asarray(present, dtype=bool)
+    updated = weights.copy()
+    if present.any():
+        logits = np.log(weights[present]) + step_size * excess[present]
+        scaled = np.exp(logits - logits.max())
+        updated[present] = weights[present].sum() * scaled / scaled.sum()
+    updated /= updated.sum()
+    return (1 - smoothing) * updated + smoothing / weights.size
 
 
 def dro_objective(losses: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor
@@ -168,8 +177,8 @@ def train_dro_proxy(proxy: Proxy, reference_export: Path, *, step_size: float, s
                 sums, n = domain_excess(losses, ref_losses, src, k)
                 excess, counts = excess + sums.cpu(), counts + n.cpu()
                 step_losses.append((losses, src))
-            mean_excess = (excess / counts.clamp(min=1)).numpy()  # a source absent from the batch: excess 0
-            weights = group_dro_update(weights, mean_excess, step_size, smoothing)
+            mean_excess = (excess / counts.clamp(min=1)).numpy()
+            weights = group_dro_update(weights, mean_excess, step_size, smoothing, present=(counts > 0).numpy())
             w = torch.tensor(weights, dtype=torch.float32, device=device)
             objective = sum(dro_objective(losses, src, w, counts.to(device)) for losses, src in step_losses)
             objective.backward()
@@ -179,7 +188,8 @@ def train_dro_proxy(proxy: Proxy, reference_export: Path, *, step_size: float, s
             optimizer.zero_grad(set_to_none=True)
             total += weights
             rows.append({"step": step + 1, "weights": dict(zip(names, weights.tolist())),
-                         "excess": dict(zip(names, mean_excess.tolist())), "objective": float(objective.detach())})
+                         "excess": {n: e for n, e, c in zip(names, mean_excess.tolist(), counts.tolist()) if c > 0},
+                         "objective": float(objective.detach())})
     except (OSError, ValueError, RuntimeError) as exc:
         raise MixRunError(f"DoReMi proxy {proxy.dir} failed: {exc}") from None
     finally:
