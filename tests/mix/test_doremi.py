@@ -13,7 +13,6 @@ import yaml
 
 from midtrain.mix.doremi import DoremiConfig, domain_excess, dro_objective, group_dro_update
 from midtrain.mix.proxy import MixError
-from midtrain.model.loss import token_losses
 from tests.mix.toy import write_recipe
 from tests.train.tiny import midtrain
 
@@ -68,17 +67,6 @@ def test_dro_objective_is_the_weighted_mean_of_per_domain_means_across_micro_bat
     total.backward()
     assert losses[0].grad.tolist() == pytest.approx([0.25 / 3, 0.75, 0.0])
     assert losses[1].grad.tolist() == pytest.approx([0.25 / 3, 0.25 / 3])
-
-
-def test_token_losses_shift_labels_and_sources_like_the_training_loss():
-    torch.manual_seed(0)
-    logits = torch.randn(1, 4, 5)
-    labels = torch.tensor([[-100, 1, 2, 3]])
-    source_ids = torch.tensor([[0, 0, 1, 1]])
-    losses, sources = token_losses(logits, labels, source_ids)
-    want = torch.nn.functional.cross_entropy(logits[0, :3], labels[0, 1:], reduction="none")
-    assert torch.allclose(losses[:3], want) and float(losses[3]) == 0.0
-    assert sources.tolist() == [0, 1, 1, -1]  # the label's source; nothing is predicted from the last position
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from midtrain.model.loss import IGNORE, label_count, token_loss_sums
+from midtrain.model.loss import IGNORE, label_count, token_loss_sums, token_losses
 
 
 def test_sums_per_source_and_counts_match_the_shifted_logits_oracle():
@@ -41,3 +41,14 @@ def test_gradient_matches_the_oracle():
     F.cross_entropy(logits[:, :-1].reshape(-1, 5), labels[:, 1:].reshape(-1), reduction="sum").backward()
     torch.testing.assert_close(ours, logits.grad)
     assert torch.all(ours[:, -1] == 0)  # the last position predicts nothing
+
+
+def test_token_losses_shift_labels_and_sources_like_the_training_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 5)
+    labels = torch.tensor([[-100, 1, 2, 3]])
+    source_ids = torch.tensor([[0, 0, 1, 1]])
+    losses, sources = token_losses(logits, labels, source_ids)
+    want = F.cross_entropy(logits[0, :3], labels[0, 1:], reduction="none")
+    assert torch.allclose(losses[:3], want) and float(losses[3]) == 0.0
+    assert sources.tolist() == [0, 1, 1, -1]  # the label's source; nothing is predicted from the last position
