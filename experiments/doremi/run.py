@@ -64,7 +64,8 @@ def report(search: dict, doremi: dict, seeds: list[int], minutes: float) -> str:
     return (f"Proxy compute: RegMix {len(search['proxies'])} proxies × {search['settings']['tokens']:,} = "
             f"{regmix_tokens:,} tokens (held-out Spearman {search['cv']['spearman']:.3f}); DoReMi a reference and a "
             f"Group-DRO proxy of {s['tokens']:,} tokens each ({p['steps']} steps, η = {s['step_size']:g}, "
-            f"c = {s['smoothing']:g}; ≈ {s['tokens'] * 7 // 3:,} token-equivalents with the reference's forward). "
+            f"c = {s['smoothing']:g}; ≈ {s['tokens'] * 7 / 3 / 1000:.0f}k token-equivalents with the reference's "
+            "forward). "
             f"Each mixture then trained at the anneal's 40,000 tokens from the pretrain export, seeds "
             f"{','.join(map(str, seeds))}: held-out loss per domain, mean ± std; Δ pairs equal seeds. "
             f"{minutes:.0f} min on this machine.\n\n" + "\n".join(lines) + "\n")
