@@ -68,7 +68,8 @@ def report(search: dict, doremi: dict, seeds: list[int], minutes: float) -> str:
             "forward). "
             f"Each mixture then trained at the anneal's 40,000 tokens from the pretrain export, seeds "
             f"{','.join(map(str, seeds))}: held-out loss per domain, mean ± std; Δ pairs equal seeds. "
-            f"{minutes:.0f} min on this machine.\n\n" + "\n".join(lines) + "\n")
+            f"This invocation: {minutes:.0f} min (finished runs are found, not trained again).\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def main() -> None:
