@@ -246,3 +246,20 @@ def test_the_eval_suite_runs_it_from_a_recipe_slot(tiny, tmp_path):
     metrics, details = evaluate(model, tok, spec, out_dir=tmp_path)
     assert list(metrics) == ["harness.humaneval.pass@1"] and "skipped" not in details
     assert len((tmp_path / "humaneval" / "samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_every_recipe_option_reaches_run_humaneval():
+    """`eval.harness.humaneval` as the recipe holds it binds to run_humaneval's keywords, values unchanged."""
+    import inspect
+
+    from midtrain.config.recipe import HumanEvalConfig
+    from midtrain.eval.humaneval import run_humaneval
+    from midtrain.eval.suite import humaneval_options
+
+    cfg = HumanEvalConfig(samples=4, ks=[1, 2], temperature=0.5, top_p=0.9, max_new_tokens=64, limit=3, timeout_s=2.0,
+                          batch_size=3, workers=1)
+    options = humaneval_options(cfg.model_dump())
+    assert len(options) == len(cfg.model_dump())  # nothing the recipe says is dropped
+    bound = inspect.signature(run_humaneval).bind_partial(None, None, **options).arguments
+    assert (bound["top_p"], bound["batch_size"], bound["workers"], bound["timeout"], bound["ks"]) == (0.9, 3, 1, 2.0,
+                                                                                                      (1, 2))

@@ -310,9 +310,12 @@ class HumanEvalConfig(_Strict):
     samples: int = Field(1, ge=1)  # completions per problem; 1 = greedy
     ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1])  # pass@k reported, each <= samples
     temperature: float = Field(0.8, gt=0)  # sampling (samples > 1)
+    top_p: float = Field(0.95, gt=0, le=1)  # nucleus sampling (samples > 1)
     max_new_tokens: int = Field(256, ge=1)
     limit: int | None = Field(None, ge=1)  # the first N problems; null = all 164
     timeout_s: float = Field(5.0, gt=0)  # per program
+    batch_size: int = Field(8, ge=1)  # prompts generated at once (sampled completions depend on it, given a seed)
+    workers: int = Field(2, ge=1)  # programs executed at once
 
     @model_validator(mode="after")
     def _ks_within_samples(self) -> HumanEvalConfig:

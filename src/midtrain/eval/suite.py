@@ -185,8 +185,9 @@ def evaluate(model: nn.Module, tokenizer, spec: EvalSpec, *, documents: Sequence
 
 def humaneval_options(options: dict) -> dict:
     """A recipe's `eval.harness.humaneval` as run_humaneval's keyword arguments."""
-    names = {"samples": "samples", "ks": "ks", "temperature": "temperature", "max_new_tokens": "max_new_tokens",
-             "limit": "limit", "timeout_s": "timeout"}
+    names = {"samples": "samples", "ks": "ks", "temperature": "temperature", "top_p": "top_p",
+             "max_new_tokens": "max_new_tokens", "limit": "limit", "timeout_s": "timeout", "batch_size": "batch_size",
+             "workers": "workers"}
     return {names[k]: (tuple(v) if k == "ks" else v) for k, v in options.items() if k in names}
 
 
