@@ -15,7 +15,8 @@ import yaml
 from safetensors.torch import load_file
 
 from midtrain.data import PackedLoader, byte_tokenizer, tokenize_source
-from midtrain.data.loader import BranchLoader, furthest_cursors
+from midtrain.data.cursors import furthest_cursors
+from midtrain.data.loader import BranchLoader
 from midtrain.run.branches import branch_starts
 
 from ..test_contracts import documented_metric_key

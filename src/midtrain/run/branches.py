@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from midtrain.data.loader import read_positions
+from midtrain.data.cursors import read_positions
 from midtrain.io import write_json_atomic
 from midtrain.merge.soup import merge_checkpoints
 from midtrain.model import load_model

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from midtrain.data.loader import PackedLoader, ReadPosition
+from midtrain.data.cursors import ReadPosition
+from midtrain.data.loader import PackedLoader
 from midtrain.train import checkpoint as ckpt
 from midtrain.train.callbacks import MetricsWriter, truncate_metrics
 from midtrain.train.distributed import DistInfo

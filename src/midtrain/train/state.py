@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from midtrain.data.loader import PackedLoader, furthest_cursors
+from midtrain.data.cursors import furthest_cursors
+from midtrain.data.loader import PackedLoader
 from midtrain.io import publish_dir
 from midtrain.model import unwrap_model
 from midtrain.train import checkpoint as ckpt
