@@ -44,12 +44,11 @@ def token_loss_sums(
     `HeadInputs` (from `forward_packed(..., loss_chunk_tokens=n)`) instead of logits: the head is applied n rows at
     a time (`linear_cross_entropy`), never materialising the full logits.
     """
-    # Shift the labels, not the logits: slicing [B, T, V] logits copies the largest tensor of the step.
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    shift_labels, shift_sources = shifted_targets(labels, source_ids)
     if isinstance(logits, HeadInputs):
         hidden = logits.hidden.reshape(-1, logits.hidden.size(-1))
         total, losses = linear_cross_entropy(hidden, logits.weight, shift_labels, logits.chunk_tokens)
-        return (total, *_per_source(losses, shift_labels, source_ids, n_sources))
+        return (total, *_per_source(losses, shift_labels, shift_sources, n_sources))
     flat = logits.reshape(-1, logits.size(-1))
     training = reuse_logits and torch.is_grad_enabled() and logits.requires_grad
     # Only a tensor the forward made for us (not a leaf, not a view of another tensor) may be overwritten.
@@ -61,25 +60,33 @@ def token_loss_sums(
         losses = inplace_cross_entropy(flat.float(), shift_labels)
     else:
         losses = F.cross_entropy(flat.float(), shift_labels, ignore_index=IGNORE, reduction="none")
-    return (losses.sum(), *_per_source(losses, shift_labels, source_ids, n_sources))
+    return (losses.sum(), *_per_source(losses, shift_labels, shift_sources, n_sources))
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, source_ids: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token fp32 losses [N] (0 where nothing is predicted) and the source of each predicted token [N] (-1 where
     nothing is predicted), with the same shift as `token_loss_sums`: what a per-domain reweighting (DoReMi) needs."""
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    shift_labels, shift_sources = shifted_targets(labels, source_ids)
     losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shift_labels, ignore_index=IGNORE,
                              reduction="none")
+    return losses, shift_sources
+
+
+def shifted_targets(labels: torch.Tensor, source_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat [N] targets of the logits at each position (HF convention: position t predicts labels[t + 1]) and the
+    source of each, -1 where nothing is predicted. Shifting the labels, not the logits: slicing [B, T, V] logits
+    copies the largest tensor of the step."""
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
     src = F.pad(source_ids[:, 1:], (0, 1), value=-1).reshape(-1)
-    return losses, torch.where(shift_labels == IGNORE, -1, src)
+    return shift_labels, torch.where(shift_labels == IGNORE, -1, src)
 
 
 def _per_source(
-    losses: torch.Tensor, shift_labels: torch.Tensor, source_ids: torch.Tensor, n_sources: int
+    losses: torch.Tensor, shift_labels: torch.Tensor, shift_sources: torch.Tensor, n_sources: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     valid = shift_labels != IGNORE
-    src = F.pad(source_ids[:, 1:], (0, 1), value=0).reshape(-1).clamp(min=0)
+    src = shift_sources.clamp(min=0)  # -1 (nothing predicted) counts nowhere: `valid` zeroes it
     detached = losses.detach() * valid
     per_source = torch.zeros(n_sources, dtype=torch.float32, device=losses.device).index_add_(0, src, detached)
     counts = torch.zeros(n_sources, dtype=torch.float32, device=losses.device).index_add_(0, src, valid.float())
