@@ -128,7 +128,7 @@ def train_dro_proxy(proxy: Proxy, reference_export: Path, *, step_size: float, s
     from midtrain.run import RunOptions
     from midtrain.run.context import RunContext
     from midtrain.run.setup import initial_model, make_loader, resolve_tokenizer, tokenize_all
-    from midtrain.train.distributed import DistInfo
+    from midtrain.train.distributed import init_distributed
     from midtrain.train.optim import build_optimizer, set_lr
     from midtrain.train.precision import resolve_precision
 
@@ -139,8 +139,8 @@ def train_dro_proxy(proxy: Proxy, reference_export: Path, *, step_size: float, s
     recipe = load_recipe(files.recipe)
     plan = build_plan(recipe)
     stage, stage_cfg = plan.stages[0], recipe.stages[0]
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dist = DistInfo(device=device)
+    dist = init_distributed("none")  # one process: the proxy is small (a launcher's WORLD_SIZE > 1 is refused)
+    device = dist.device
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -166,7 +166,8 @@ def train_dro_proxy(proxy: Proxy, reference_export: Path, *, step_size: float, s
         rows = []
         for step in range(stage.steps):
             set_lr(optimizer, stage.lr_at_step(step))
-            excess, counts = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+            excess = torch.zeros(k, dtype=torch.float64, device=device)
+            counts = torch.zeros(k, dtype=torch.float64, device=device)
             step_losses = []
             for mb in loader.next_step():
                 mb = {key: v.to(device) for key, v in mb.items()}
@@ -175,12 +176,12 @@ def train_dro_proxy(proxy: Proxy, reference_export: Path, *, step_size: float, s
                     with torch.no_grad():
                         ref_losses, _ = token_losses(forward_packed(reference, mb), mb["labels"], mb["source_ids"])
                 sums, n = domain_excess(losses, ref_losses, src, k)
-                excess, counts = excess + sums.cpu(), counts + n.cpu()
+                excess, counts = excess + sums, counts + n
                 step_losses.append((losses, src))
-            mean_excess = (excess / counts.clamp(min=1)).numpy()
-            weights = group_dro_update(weights, mean_excess, step_size, smoothing, present=(counts > 0).numpy())
+            mean_excess = (excess / counts.clamp(min=1)).cpu().numpy()  # one device sync per step
+            weights = group_dro_update(weights, mean_excess, step_size, smoothing, present=(counts > 0).cpu().numpy())
             w = torch.tensor(weights, dtype=torch.float32, device=device)
-            objective = sum(dro_objective(losses, src, w, counts.to(device)) for losses, src in step_losses)
+            objective = sum(dro_objective(losses, src, w, counts) for losses, src in step_losses)
             objective.backward()
             if stage_cfg.optimizer.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), stage_cfg.optimizer.grad_clip)
@@ -188,7 +189,8 @@ def train_dro_proxy(proxy: Proxy, reference_export: Path, *, step_size: float, s
             optimizer.zero_grad(set_to_none=True)
             total += weights
             rows.append({"step": step + 1, "weights": dict(zip(names, weights.tolist())),
-                         "excess": {n: e for n, e, c in zip(names, mean_excess.tolist(), counts.tolist()) if c > 0},
+                         "excess": {n: e for n, e, c in zip(names, mean_excess.tolist(), counts.cpu().tolist())
+                                    if c > 0},
                          "objective": float(objective.detach())})
     except (OSError, ValueError, RuntimeError) as exc:
         raise MixRunError(f"DoReMi proxy {proxy.dir} failed: {exc}") from None

@@ -218,8 +218,9 @@ def conclude(summary: dict[str, Any], best: str, proxy: Callable[..., Proxy], ou
 def verify_mixtures(named: dict[str, dict[str, float]], proxy: Callable[..., Proxy], out: Path, *, target: str,
                     seeds: Sequence[int], workers: int, threads: int | None, keep_models: bool,
                     emit: Callable[[str, dict], None]) -> dict[str, Any]:
-    """Each named mixture ({label: {source: weight}}) trained at the proxies' budget per seed (`proxy(dir, weights,
-    seed=)` builds the run, in OUT/verify/<label>-seed<s>): the measured target, per label."""
+    """Each named mixture ({label: {source: weight}}) trained per seed, as `proxy(dir, weights, seed=)` builds the run
+    (its budget: the proxies' for a search, the stage's own for DoReMi), in OUT/verify/<label>-seed<s>: the measured
+    target, per label."""
     names = list(named["recipe"])
     runs = [(label, seed, proxy(out / "verify" / f"{label}-seed{seed}", [mix[n] for n in names], seed=seed))
             for seed in seeds for label, mix in named.items()]
